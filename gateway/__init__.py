@@ -1,0 +1,1 @@
+"""An OpenAI-compatible gateway in front of llama.cpp, vLLM and Ollama."""

@@ -1,0 +1,48 @@
+"""Liveness, readiness and the Prometheus scrape."""
+
+from __future__ import annotations
+
+import hmac
+from typing import TYPE_CHECKING, Any
+
+from litestar import Request, Response, get
+
+from gateway import metrics
+from gateway.errors import AuthenticationFailed
+from gateway.openai import encode
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+
+@get("/health")
+async def health() -> Response[Any]:
+    """Liveness: the process answers. Says nothing about backends, so an orchestrator never
+    restarts a healthy gateway because a model is still loading."""
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+@get("/ready")
+async def ready(request: Request[Any, Any, Any]) -> Response[Any]:
+    """200 once at least one backend takes requests; otherwise 503 with every backend's reason."""
+    gateway: Gateway = request.app.state.gateway
+    backends = {b.name: {"state": b.state.value, "reason": b.reason or None}
+                for b in gateway.supervisor.backends.values()}
+    is_ready = any(b.ready for b in gateway.supervisor.backends.values())
+    body = {"status": "ready" if is_ready else "not ready", "backends": backends}
+    return Response(encode(body), status_code=200 if is_ready else 503, media_type="application/json")
+
+
+@get("/metrics")
+async def scrape(request: Request[Any, Any, Any]) -> Response[Any]:
+    gateway: Gateway = request.app.state.gateway
+    token = gateway.config.metrics.token
+    if token:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise AuthenticationFailed("The metrics endpoint needs `Authorization: Bearer <metrics token>`.")
+    payload, content_type = metrics.render()
+    return Response(payload, media_type=content_type)
+
+
+ROUTES = [health, ready, scrape]

@@ -1,0 +1,95 @@
+"""`create_app(config)`: the routes, the error rendering, and one lifespan owning every resource."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, Request, Response
+from litestar.exceptions import HTTPException
+
+from gateway.api import health, v1
+from gateway.config import Config
+from gateway.errors import (
+    BodyTooLarge,
+    GatewayError,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    UpstreamError,
+)
+from gateway.routing import ModelTable
+from gateway.supervisor import Supervisor
+from gateway.upstream import Upstream
+
+log = logging.getLogger("gateway")
+
+
+class Gateway:
+    """The services one gateway process holds; handlers reach them through `app.state.gateway`."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started = int(time.time())
+        self.supervisor = Supervisor(config)
+        self.models = ModelTable(self.supervisor.backends.values(), config.models.aliases)
+        self.upstream = Upstream(connect_timeout=config.server.connect_timeout,
+                                 request_timeout=config.server.request_timeout)
+
+    @asynccontextmanager
+    async def lifespan(self, app: Litestar) -> AsyncIterator[None]:
+        # Opened in dependency order, closed in reverse, each close running even if a later
+        # open failed.
+        await self.upstream.open()
+        try:
+            await self.supervisor.start()
+            try:
+                yield
+            finally:
+                await self.supervisor.stop()
+        finally:
+            await self.upstream.close()
+
+
+def _render(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    error = _as_gateway_error(exc)
+    if isinstance(error, InternalError):
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return Response(error.encode(), status_code=error.status, media_type="application/json",
+                    headers=error.headers)
+
+
+def _as_gateway_error(exc: Exception) -> GatewayError:
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, HTTPException):
+        if exc.status_code == 404:
+            return NotFound("Unknown path. The API lives under /v1 (for example /v1/chat/completions).")
+        if exc.status_code == 405:
+            return MethodNotAllowed("This path does not accept that HTTP method.")
+        if exc.status_code == 413:
+            return BodyTooLarge("The request body is larger than this gateway accepts (server.max_body).")
+        if 400 <= exc.status_code < 500:
+            return InvalidRequest(str(exc.detail))
+        return UpstreamError(exc.status_code, str(exc.detail))
+    return InternalError("The gateway failed to handle this request; the operator's log has the details.")
+
+
+def create_app(config: Config) -> Litestar:
+    gateway = Gateway(config)
+    app = Litestar(
+        route_handlers=[*v1.ROUTES, *health.ROUTES],
+        lifespan=[gateway.lifespan],
+        exception_handlers={Exception: _render},
+        # Bodies over the bound are refused from Content-Length alone, or as soon as the bytes
+        # read pass it; never read whole into memory.
+        request_max_body_size=config.server.max_body,
+        openapi_config=None,
+        debug=False,
+    )
+    app.state.gateway = gateway
+    return app

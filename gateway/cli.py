@@ -1,0 +1,91 @@
+"""`gateway serve | check`: the operator's entry points."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from gateway.config import Config, ConfigError, load
+
+EXIT_CONFIG = 2
+
+
+def _load_or_exit(path: str | None) -> Config:
+    path = path or os.environ.get("GATEWAY_CONFIG")
+    if not path:
+        print("error: no config file: pass --config FILE or set GATEWAY_CONFIG", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+    try:
+        return load(path)
+    except ConfigError as exc:
+        print(f"error: invalid config {path}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def serve(args: argparse.Namespace) -> None:
+    config = _load_or_exit(args.config)
+    server = config.server.model_copy(update={
+        k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None
+    })
+    config = config.model_copy(update={"server": server})
+    logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+
+    import uvicorn
+
+    from gateway.app import create_app
+
+    uvicorn.run(
+        create_app(config),
+        host=server.host,
+        port=server.port,
+        loop="uvloop",
+        http="httptools",
+        log_level=server.log_level,
+        access_log=False,
+        # The lifespan stops every backend; give it their grace periods to do so.
+        timeout_graceful_shutdown=max(b.stop_timeout for b in config.backends) + 5,
+    )
+
+
+def check(args: argparse.Namespace) -> None:
+    config = _load_or_exit(args.config)
+    print(f"config ok: {args.config or os.environ.get('GATEWAY_CONFIG')}")
+    print(f"data_dir: {config.data_dir}")
+    print(f"listen:   {config.server.host}:{config.server.port}")
+    print("backends:")
+    for b in config.backends:
+        where = b.url if b.url else f"managed, model {b.model}"
+        print(f"  {b.name:<20} {b.runtime:<9} slots={b.slots:<3} serves={','.join(b.serves)}  ({where})")
+    print("models:")
+    for b in config.backends:
+        for name in b.serves:
+            print(f"  {name} -> {b.name}")
+    for alias, target in config.models.aliases.items():
+        print(f"  {alias} -> {target} (alias)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible gateway for local LLM runtimes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_serve = sub.add_parser("serve", help="start the gateway")
+    p_serve.add_argument("--config", help="config file (or GATEWAY_CONFIG)")
+    p_serve.add_argument("--host", help="override server.host")
+    p_serve.add_argument("--port", type=int, help="override server.port")
+    p_serve.set_defaults(func=serve)
+
+    p_check = sub.add_parser("check", help="validate a config and print what it resolves to")
+    p_check.add_argument("--config", help="config file (or GATEWAY_CONFIG)")
+    p_check.set_defaults(func=check)
+
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

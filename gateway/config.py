@@ -1,0 +1,293 @@
+"""Typed configuration, validated once at start-up.
+
+`load(path)` is the only place that reads YAML or the environment. It returns a frozen `Config`
+or raises `ConfigError` listing every problem as `path.to.field: reason`, so an operator fixes a
+broken file in one go instead of one error per restart.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+Runtime = Literal["llamacpp", "vllm", "ollama", "openai"]
+
+
+class ConfigError(Exception):
+    """The config file cannot be used; `problems` holds one `path: reason` line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+# --- value parsers -------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
+
+
+def _seconds(value: Any) -> Any:
+    """`30`, `1.5`, `"250ms"`, `"30s"`, `"5m"`, `"1h"` -> seconds as float."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30, '30s', '5m' or '250ms'")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and (match := _DURATION.match(value)):
+        return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    raise ValueError("expected a duration such as 30, '30s', '5m' or '250ms'")
+
+
+def _bytes(value: Any) -> Any:
+    """`1048576`, `"16MiB"`, `"512KB"` -> bytes as int."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and (match := _SIZE.match(value)):
+        return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()]
+    raise ValueError("expected a size such as 1048576, '16MiB' or '512KB'")
+
+
+Seconds = Annotated[float, BeforeValidator(_seconds), Field(gt=0)]
+Bytes = Annotated[int, BeforeValidator(_bytes), Field(gt=0)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/@-]*$", max_length=200)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- sections ------------------------------------------------------------------------------
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_body: Bytes = 16 * 1024**2
+    # Bound on one upstream request, first byte to last; a generation longer than this is cut.
+    request_timeout: Seconds = 600.0
+    # Bound on connecting to a backend; a refused or silent backend fails over quickly.
+    connect_timeout: Seconds = 5.0
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class AdminConfig(_Section):
+    key: str | None = None
+
+
+class StoreConfig(_Section):
+    # None: the embedded SQLite store in data_dir. `redis://...`: shared by every replica.
+    url: str | None = None
+
+
+class LimitValues(_Section):
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    max_concurrency: int | None = Field(default=None, ge=1)
+
+
+class LimitsConfig(_Section):
+    default: LimitValues = LimitValues()
+
+
+class QueueConfig(_Section):
+    max_wait: Seconds = 30.0
+    max_depth: int = Field(default=1000, ge=0)
+
+
+class MetricsConfig(_Section):
+    enabled: bool = True
+    # When set, GET /metrics needs `Authorization: Bearer <token>`.
+    token: str | None = None
+
+
+class ModelsConfig(_Section):
+    # public alias -> served model name
+    aliases: dict[Name, Name] = {}
+
+
+class BackendConfig(_Section):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
+    runtime: Runtime
+    # Managed: the gateway spawns the runtime with this model (a GGUF path for llama.cpp,
+    # a model id for vLLM, a tag for Ollama).
+    model: str | None = None
+    binary: str | list[str] | None = None
+    args: list[str] = []
+    env: dict[str, str] = {}
+    port: int | None = Field(default=None, ge=1, le=65535)
+    # Attached: an already-running server the gateway only forwards to.
+    url: Annotated[str, Field(pattern=r"^https?://[^\s/]+")] | None = None
+    # Public model names this backend answers; default derived from `model`.
+    serves: list[Name] = []
+    # Requests it may run at once (llama.cpp -np, vLLM --max-num-seqs, OLLAMA_NUM_PARALLEL).
+    slots: int = Field(default=1, ge=1, le=1024)
+    # Context tokens each slot gets (llama.cpp is started with -c context*slots).
+    context: int = Field(default=4096, ge=256)
+    embeddings: bool = False
+    api_key: str | None = None
+    startup_timeout: Seconds = 120.0
+    stop_timeout: Seconds = 10.0
+
+
+class Config(_Section):
+    data_dir: Path
+    server: ServerConfig = ServerConfig()
+    admin: AdminConfig = AdminConfig()
+    store: StoreConfig = StoreConfig()
+    backends: list[BackendConfig] = Field(min_length=1)
+    models: ModelsConfig = ModelsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    queue: QueueConfig = QueueConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+
+# --- loading -------------------------------------------------------------------------------
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(node: Any, path: str, env: dict[str, str], problems: list[str]) -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string, recording unset variables."""
+    if isinstance(node, str):
+
+        def replace(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            problems.append(f"{path}: environment variable {name} is not set")
+            return ""
+
+        return _VAR.sub(replace, node)
+    if isinstance(node, dict):
+        return {k: _interpolate(v, _join(path, k), env, problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, f"{path}[{i}]", env, problems) for i, v in enumerate(node)]
+    return node
+
+
+def _join(path: str, key: Any) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else str(key)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    path = ""
+    for part in error["loc"]:
+        # pydantic names the member of a union it tried (`str`, `list[str]`, `function-after[...]`).
+        if isinstance(part, str) and ("[" in part or part in ("str", "int", "list", "float")):
+            continue
+        path = _join(path, part)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        reason = "unknown field"
+    elif kind == "missing":
+        reason = "required"
+    elif kind == "value_error":
+        reason = str(error["ctx"]["error"])
+    else:
+        reason = error["msg"][0].lower() + error["msg"][1:]
+    return f"{path or '(top level)'}: {reason}"
+
+
+def _derived_serves(backend: BackendConfig) -> list[str]:
+    if backend.serves:
+        return list(backend.serves)
+    if backend.model is None:
+        return []
+    if backend.runtime == "llamacpp":
+        return [Path(backend.model).stem]
+    return [backend.model]
+
+
+def _check_semantics(config: Config) -> list[str]:
+    """Cross-field rules pydantic cannot express per field."""
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    served: set[str] = set()
+    for i, backend in enumerate(config.backends):
+        at = f"backends[{i}]"
+        if backend.name in seen:
+            problems.append(f"{at}.name: duplicate backend name {backend.name!r} (also backends[{seen[backend.name]}])")
+        seen.setdefault(backend.name, i)
+        if (backend.model is None) == (backend.url is None):
+            problems.append(f"{at}: set exactly one of `model` (a managed process) or `url` (an attached server)")
+        if backend.runtime == "openai" and backend.url is None:
+            problems.append(f"{at}.url: required for runtime 'openai' (the gateway cannot spawn it)")
+        if backend.url is not None:
+            for field in ("binary", "port"):
+                if getattr(backend, field) is not None:
+                    problems.append(f"{at}.{field}: only for a managed backend, not with `url`")
+            if backend.args or backend.env:
+                problems.append(f"{at}: `args` and `env` are only for a managed backend, not with `url`")
+        names = _derived_serves(backend)
+        if not names and backend.url is not None:
+            problems.append(f"{at}.serves: required for an attached backend (the model names it answers)")
+        served.update(names)
+    for alias, target in config.models.aliases.items():
+        if alias in served:
+            problems.append(f"models.aliases.{alias}: already a served model name")
+        if target not in served:
+            problems.append(f"models.aliases.{alias}: target {target!r} is not served by any backend")
+    return problems
+
+
+def parse(raw: Any, *, base_dir: Path, env: dict[str, str] | None = None) -> Config:
+    """Validate an already-loaded YAML document."""
+    if not isinstance(raw, dict):
+        raise ConfigError(["(top level): expected a mapping of sections"])
+    problems: list[str] = []
+    document = _interpolate(raw, "", dict(os.environ if env is None else env), problems)
+    document.setdefault("data_dir", "data")
+    try:
+        config = Config.model_validate(document)
+    except ValidationError as exc:
+        problems.extend(_describe(e) for e in exc.errors())
+        raise ConfigError(problems) from None
+    problems.extend(_check_semantics(config))
+    if problems:
+        raise ConfigError(problems)
+    return resolve_paths(config, base_dir)
+
+
+def resolve_paths(config: Config, base_dir: Path) -> Config:
+    """Relative paths in the file are relative to the file, not to the working directory."""
+
+    def absolute(path: str) -> str:
+        p = Path(path).expanduser()
+        return str(p if p.is_absolute() else (base_dir / p).resolve())
+
+    backends = []
+    for backend in config.backends:
+        update: dict[str, Any] = {"serves": _derived_serves(backend)}
+        if backend.runtime == "llamacpp" and backend.model is not None:
+            update["model"] = absolute(backend.model)
+        backends.append(backend.model_copy(update=update))
+    return config.model_copy(
+        update={"data_dir": Path(absolute(str(config.data_dir))), "backends": backends}
+    )
+
+
+def load(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Config:
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot read: {exc.strerror}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError([f"{file}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
+    return parse(raw, base_dir=file.resolve().parent, env=env)

@@ -1,0 +1,152 @@
+"""Every error a client can see, each knowing its OpenAI `type`, `code` and HTTP status.
+
+    GatewayError
+     ├── InvalidRequest          400 invalid_request_error
+     ├── AuthenticationFailed    401 invalid_api_key
+     ├── PermissionDenied        403 permission_denied
+     ├── ModelNotFound           404 model_not_found
+     ├── NotFound                404 not_found
+     ├── MethodNotAllowed        405 method_not_allowed
+     ├── BodyTooLarge            413 request_too_large
+     ├── RateLimited             429 rate_limit_exceeded   (carries retry-after)
+     ├── BackendUnavailable      503 backend_unavailable   (no ready backend, or all failed)
+     ├── UpstreamTimeout         504 upstream_timeout
+     ├── UpstreamError           any status the runtime gave, normalised to the OpenAI shape
+     └── InternalError           500 internal_error        (never with a traceback)
+
+A handler raises one of these; `app.py` renders it once, as `{"error": {...}}`.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def encode(self) -> bytes:
+        return msgspec.json.encode(self.body())
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = None
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class ModelNotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist or you do not have access to it.", param="model")
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class BodyTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, headers: dict[str, str] | None = None) -> None:
+        # The official SDKs honour both: retry-after in whole seconds, retry-after-ms exactly.
+        wait = max(retry_after, 0.001)
+        merged = {"retry-after": str(max(1, int(wait + 0.999))), "retry-after-ms": str(int(wait * 1000))}
+        merged.update(headers or {})
+        super().__init__(message, headers=merged)
+        self.retry_after = wait
+
+
+class BackendUnavailable(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "backend_unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    type = "server_error"
+    code = "upstream_timeout"
+
+
+class UpstreamError(GatewayError):
+    """An error the runtime answered with, in the OpenAI shape, keeping the runtime's status."""
+
+    def __init__(self, status: int, message: str, *, type: str | None = None, code: str | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(message, param=param, code=code)
+        self.status = status
+        self.type = type or _type_for_status(status)
+        if code is None:
+            self.code = None
+
+
+class InternalError(GatewayError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
+def _type_for_status(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 404:
+        return "not_found_error"
+    if status == 429:
+        return "rate_limit_error"
+    if 400 <= status < 500:
+        return "invalid_request_error"
+    return "server_error"

@@ -1,0 +1,67 @@
+"""Every Prometheus collector, and small helpers the request path calls. A sink: imports nothing
+from the rest of the gateway.
+
+The gateway runs one process per replica (one event loop does all the I/O), so the default
+registry is exact; scale out with more replicas, each scraped on its own.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# LLM latencies run from milliseconds (an error, a cached prompt) to minutes (long generations).
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+_TOKEN_GAP = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+
+requests_total = Counter(
+    "gateway_requests_total", "Requests answered, by public model, backend, endpoint and status class.",
+    ["model", "backend", "endpoint", "status"], registry=REGISTRY,
+)
+request_duration = Histogram(
+    "gateway_request_duration_seconds", "Time from request received to last byte sent.",
+    ["model", "endpoint"], buckets=_LATENCY, registry=REGISTRY,
+)
+time_to_first_token = Histogram(
+    "gateway_time_to_first_token_seconds", "Time from request received to the first content chunk sent.",
+    ["model"], buckets=_LATENCY, registry=REGISTRY,
+)
+inter_token_latency = Histogram(
+    "gateway_inter_token_latency_seconds", "Mean gap between streamed chunks, one observation per stream.",
+    ["model"], buckets=_TOKEN_GAP, registry=REGISTRY,
+)
+prompt_tokens = Counter("gateway_prompt_tokens_total", "Prompt tokens, as the runtime counted them.",
+                        ["model"], registry=REGISTRY)
+completion_tokens = Counter("gateway_completion_tokens_total", "Completion tokens, as the runtime counted them.",
+                            ["model"], registry=REGISTRY)
+inflight = Gauge("gateway_inflight_requests", "Requests being served upstream now.", ["backend"], registry=REGISTRY)
+upstream_errors = Counter(
+    "gateway_upstream_errors_total",
+    "Failures talking to a backend, by kind (connect, timeout, status, stream, protocol).",
+    ["backend", "kind"], registry=REGISTRY,
+)
+backend_state = Gauge("gateway_backend_state", "1 for the state each backend is in, 0 for the others.",
+                      ["backend", "runtime", "state"], registry=REGISTRY)
+backend_ready = Gauge("gateway_backend_ready", "1 when the backend takes requests.", ["backend", "runtime"],
+                      registry=REGISTRY)
+backend_transitions = Counter("gateway_backend_transitions_total", "Lifecycle transitions, by target state.",
+                              ["backend", "runtime", "state"], registry=REGISTRY)
+
+_STATES = ("stopped", "starting", "ready", "unhealthy", "stopping", "failed")
+
+
+def backend_transition(backend: str, runtime: str, old: str, new: str) -> None:
+    for state in _STATES:
+        backend_state.labels(backend, runtime, state).set(1 if state == new else 0)
+    backend_ready.labels(backend, runtime).set(1 if new == "ready" else 0)
+    backend_transitions.labels(backend, runtime, new).inc()
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+def render() -> tuple[bytes, str]:
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,161 @@
+"""The public wire format: request validation, SSE framing and the shapes the gateway writes.
+
+A request body is decoded once, here, into a plain dict (so parameters the gateway does not know
+still reach the runtime) and its known fields are type-checked against the structs below, so a
+wrong type is a 400 that names the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from gateway.errors import InvalidRequest
+
+Endpoint = Literal["chat", "completions", "embeddings"]
+
+PATHS: dict[Endpoint, str] = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "embeddings": "/v1/embeddings",
+}
+
+
+class StreamOptions(Struct):
+    include_usage: bool | None = None
+
+
+class Message(Struct):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class Function(Struct):
+    name: str
+
+
+class Tool(Struct):
+    type: str
+    function: Function
+
+
+class ResponseFormat(Struct):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+Stop = str | Annotated[list[str], Meta(max_length=4)] | None
+PositiveInt = Annotated[int, Meta(ge=1)]
+Penalty = Annotated[float, Meta(ge=-2, le=2)]
+
+
+class _Sampling(Struct):
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: PositiveInt | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] | None = None
+    stop: Stop = None
+    seed: int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    user: str | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: Annotated[list[Message], Meta(min_length=1)] = msgspec.field(default_factory=list)
+    max_completion_tokens: PositiveInt | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str | int | list[int]] = ""
+    echo: bool | None = None
+    logprobs: int | None = None
+
+
+class EmbeddingRequest(Struct):
+    model: str
+    input: str | list[str | int | list[int]]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: PositiveInt | None = None
+    user: str | None = None
+
+
+_SCHEMAS: dict[Endpoint, type[Struct]] = {
+    "chat": ChatRequest,
+    "completions": CompletionRequest,
+    "embeddings": EmbeddingRequest,
+}
+_REQUIRED = {"chat": ("model", "messages"), "completions": ("model", "prompt"), "embeddings": ("model", "input")}
+
+_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+encode = _encoder.encode
+_AT = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+def decode_request(endpoint: Endpoint, body: bytes) -> dict[str, Any]:
+    """Bytes -> the request dict, or InvalidRequest naming the offending field."""
+    if not body:
+        raise InvalidRequest("The request body is empty; expected a JSON object.")
+    try:
+        data = _decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    for field in _REQUIRED[endpoint]:
+        if field not in data:
+            raise InvalidRequest(f"Missing required parameter: '{field}'.", param=field)
+    try:
+        msgspec.convert(data, _SCHEMAS[endpoint], strict=False)
+    except msgspec.ValidationError as exc:
+        raise _invalid(str(exc)) from None
+    return data
+
+
+def _invalid(detail: str) -> InvalidRequest:
+    match = _AT.search(detail)
+    param = match.group(1) if match else None
+    reason = _AT.sub("", detail)
+    if param:
+        return InvalidRequest(f"Invalid value for '{param}': {reason}.", param=param)
+    return InvalidRequest(f"Invalid request: {reason}.")
+
+
+def wants_usage(request: dict[str, Any]) -> bool:
+    options = request.get("stream_options")
+    return bool(isinstance(options, dict) and options.get("include_usage"))
+
+
+# --- SSE framing ---------------------------------------------------------------------------
+
+DONE = b"data: [DONE]\n\n"
+# Sent while a streaming request waits (queue, backend start) so proxies and clients keep the
+# connection; every SSE client ignores comment lines.
+KEEPALIVE = b": waiting\n\n"
+
+
+def sse(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+def sse_error(error: dict[str, Any]) -> bytes:
+    return sse(_encoder.encode(error))
+
+
+def usage_object(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
