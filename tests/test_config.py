@@ -1,0 +1,133 @@
+"""Config validation: every problem listed as `path.to.field: reason`, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.config import ConfigError, load, parse
+from tests.helpers import ROOT
+
+LLAMA = {"name": "a", "runtime": "llamacpp", "model": "m.gguf"}
+
+BROKEN: list[tuple[str, Any, list[str]]] = [
+    ("empty", {}, ["backends: required"]),
+    ("no backends", {"backends": []}, ["backends: needs at least 1 item(s)"]),
+    ("backends not a list", {"backends": "x"}, ["backends: input should be a valid list"]),
+    ("neither model nor url", {"backends": [{"name": "a", "runtime": "llamacpp"}]},
+     ["backends[0]: set exactly one of `model` (a managed process) or `url` (an attached server)"]),
+    ("unknown runtime", {"backends": [{"name": "a", "runtime": "tgi", "url": "http://x"}]},
+     ["backends[0].runtime: input should be 'llamacpp', 'vllm', 'ollama' or 'openai'"]),
+    ("several field errors at once",
+     {"backends": [{**LLAMA, "slots": 0, "port": 70000, "colour": "red"}]},
+     ["backends[0].port: input should be less than or equal to 65535",
+      "backends[0].slots: input should be greater than or equal to 1",
+      "backends[0].colour: unknown field"]),
+    ("bad url", {"backends": [{"name": "a", "runtime": "openai", "url": "localhost:80", "serves": ["x"]}]},
+     ["backends[0].url: 'localhost:80' is not an http:// or https:// URL"]),
+    ("bad scalars",
+     {"server": {"port": "eighty", "max_body": "lots", "request_timeout": "forever"}, "backends": [LLAMA]},
+     ["server.port: input should be a valid integer, unable to parse string as an integer",
+      "server.max_body: expected a size such as 1048576, '16MiB' or '512KB'",
+      "server.request_timeout: expected a duration such as 30, '30s', '5m' or '250ms'"]),
+    ("cross-field",
+     {"backends": [LLAMA, {**LLAMA, "model": "n.gguf", "url": "http://h:1"}],
+      "models": {"aliases": {"m": "zzz"}}},
+     ["backends[1].name: duplicate backend name 'a' (also backends[0])",
+      "backends[1]: set exactly one of `model` (a managed process) or `url` (an attached server)",
+      "models.aliases.m: already a served model name",
+      "models.aliases.m: target 'zzz' is not served by any backend"]),
+    ("unset variable", {"backends": [{**LLAMA, "model": "${NOPE}"}]},
+     ["backends[0].model: environment variable NOPE is not set"]),
+    ("attached without serves", {"backends": [{"name": "a", "runtime": "openai", "url": "http://h:1"}]},
+     ["backends[0].serves: required for an attached backend (the model names it answers)"]),
+    ("names and types",
+     {"backends": [{**LLAMA, "name": "a b", "args": "-ngl 99", "env": {"A": 1}}]},
+     ["backends[0].name: 'a b' is not a backend name (letters, digits and . _ -, starting with a letter or digit)",
+      "backends[0].args: input should be a valid list",
+      "backends[0].env.A: input should be a valid string"]),
+    ("openai runtime spawned", {"backends": [{"name": "a", "runtime": "openai", "model": "x"}]},
+     ["backends[0].url: required for runtime 'openai' (the gateway cannot spawn it)"]),
+    ("attached with process fields",
+     {"backends": [{"name": "a", "runtime": "vllm", "url": "http://h:1", "serves": ["x"], "port": 9000,
+                    "args": ["--x"]}]},
+     ["backends[0].port: only for a managed backend, not with `url`",
+      "backends[0]: `args` and `env` are only for a managed backend, not with `url`"]),
+    ("top level not a mapping", ["backends"], ["(top level): expected a mapping of sections"]),
+]
+
+
+@pytest.mark.parametrize(("document", "expected"), [(d, e) for _, d, e in BROKEN], ids=[n for n, _, _ in BROKEN])
+def test_broken_config_lists_every_problem(document: Any, expected: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(document, base_dir=Path("/srv"), env={})
+    assert info.value.problems == expected
+
+
+def test_defaults_and_derived_values() -> None:
+    config = parse({"backends": [LLAMA, {"name": "b", "runtime": "vllm", "model": "Qwen/Qwen2.5-7B"}]},
+                   base_dir=Path("/srv/gw"), env={})
+    assert (config.server.host, config.server.port, config.server.max_body) == ("127.0.0.1", 8080, 16 * 1024**2)
+    assert config.data_dir == Path("/srv/gw/data")
+    llama, vllm = config.backends
+    assert llama.model == "/srv/gw/m.gguf"  # relative to the config file
+    assert llama.serves == ["m"] and vllm.serves == ["Qwen/Qwen2.5-7B"]
+    assert llama.slots == 1 and llama.startup_timeout == 120.0
+
+
+def test_units_and_interpolation() -> None:
+    config = parse({
+        "data_dir": "${DATA:-/var/lib/gw}",
+        "server": {"max_body": "1MiB", "request_timeout": "5m", "connect_timeout": "250ms", "port": "${PORT}"},
+        "admin": {"key": "${ADMIN_KEY}"},
+        "backends": [LLAMA],
+    }, base_dir=Path("/srv"), env={"PORT": "9090", "ADMIN_KEY": "s3cret"})
+    assert config.data_dir == Path("/var/lib/gw")
+    assert config.server.port == 9090 and config.server.max_body == 1024**2
+    assert config.server.request_timeout == 300.0 and config.server.connect_timeout == 0.25
+    assert config.admin.key == "s3cret"
+
+
+def test_load_reports_yaml_syntax_errors(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("backends:\n  - name: a\n   runtime: x\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith(f"{path}: not valid YAML (line 3, column 4)")
+
+
+def test_example_config_is_valid() -> None:
+    config = load(ROOT / "config.example.yaml", env={})
+    assert config.backends[0].serves == ["gemma3-270m"]
+    assert config.models.aliases == {"gpt-4o-mini": "gemma3-270m"}
+
+
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_cli_exits_2_with_every_problem_and_no_traceback(tmp_path: Path, command: str) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({"backends": [{**LLAMA, "slots": 0, "colour": "red"}]}))
+    result = subprocess.run([sys.executable, "-m", "gateway", command, "--config", str(path)],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2
+    assert "backends[0].slots: input should be greater than or equal to 1" in result.stderr
+    assert "backends[0].colour: unknown field" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_cli_check_prints_resolved_backends(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "gateway", "check", "--config", str(ROOT / "config.example.yaml")],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "gemma-cpu" in result.stdout and "gpt-4o-mini -> gemma3-270m (alias)" in result.stdout
+
+
+def test_cli_needs_a_config() -> None:
+    result = subprocess.run([sys.executable, "-m", "gateway", "check"], capture_output=True, text=True, timeout=60,
+                            cwd=ROOT, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2 and "GATEWAY_CONFIG" in result.stderr
