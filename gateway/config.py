@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 Runtime = Literal["llamacpp", "vllm", "ollama", "openai"]
 
@@ -54,9 +54,24 @@ def _bytes(value: Any) -> Any:
     raise ValueError("expected a size such as 1048576, '16MiB' or '512KB'")
 
 
+def _matching(pattern: str, what: str) -> AfterValidator:
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.match(value):
+            raise ValueError(f"{value!r} is not {what}")
+        return value
+
+    return AfterValidator(check)
+
+
 Seconds = Annotated[float, BeforeValidator(_seconds), Field(gt=0)]
 Bytes = Annotated[int, BeforeValidator(_bytes), Field(gt=0)]
-Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/@-]*$", max_length=200)]
+Name = Annotated[str, Field(max_length=200), _matching(
+    r"^[A-Za-z0-9][A-Za-z0-9_.:/@-]*$", "a model name (letters, digits and . _ : / @ -, starting with a letter or digit)")]
+BackendName = Annotated[str, Field(max_length=64), _matching(
+    r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", "a backend name (letters, digits and . _ -, starting with a letter or digit)")]
+Url = Annotated[str, _matching(r"^https?://[^\s/]+", "an http:// or https:// URL")]
 
 
 class _Section(BaseModel):
@@ -106,6 +121,9 @@ class MetricsConfig(_Section):
     enabled: bool = True
     # When set, GET /metrics needs `Authorization: Bearer <token>`.
     token: str | None = None
+    # Label per-key series with the key id (never the secret). Off by default: every key
+    # becomes a time series.
+    key_labels: bool = False
 
 
 class ModelsConfig(_Section):
@@ -114,7 +132,7 @@ class ModelsConfig(_Section):
 
 
 class BackendConfig(_Section):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
+    name: BackendName
     runtime: Runtime
     # Managed: the gateway spawns the runtime with this model (a GGUF path for llama.cpp,
     # a model id for vLLM, a tag for Ollama).
@@ -124,7 +142,7 @@ class BackendConfig(_Section):
     env: dict[str, str] = {}
     port: int | None = Field(default=None, ge=1, le=65535)
     # Attached: an already-running server the gateway only forwards to.
-    url: Annotated[str, Field(pattern=r"^https?://[^\s/]+")] | None = None
+    url: Url | None = None
     # Public model names this backend answers; default derived from `model`.
     serves: list[Name] = []
     # Requests it may run at once (llama.cpp -np, vLLM --max-num-seqs, OLLAMA_NUM_PARALLEL).
@@ -135,6 +153,25 @@ class BackendConfig(_Section):
     api_key: str | None = None
     startup_timeout: Seconds = 120.0
     stop_timeout: Seconds = 10.0
+    # GPU selection for a managed process (CUDA_VISIBLE_DEVICES), e.g. "0" or "0,1".
+    gpus: str | None = None
+    # eager: started with the gateway. on_demand: started by the first request for it, and
+    # stopped again after `idle_ttl` without requests.
+    start: Literal["eager", "on_demand"] = "eager"
+    idle_ttl: Seconds | None = None
+    # Backends in one exclusive group share a GPU: only one of them runs at a time.
+    group: BackendName | None = None
+    # Liveness once ready: a probe every `health_interval`; `health_failures` misses in a row
+    # mark it unhealthy and restart it. A probe times out after `health_timeout`.
+    health_interval: Seconds = 10.0
+    health_timeout: Seconds = 5.0
+    health_failures: int = Field(default=3, ge=1)
+    # Crash restarts: backoff doubles from `restart_backoff` up to `restart_backoff_max`; more
+    # than `crash_limit` crashes within `crash_window` park the backend in `failed`.
+    restart_backoff: Seconds = 1.0
+    restart_backoff_max: Seconds = 60.0
+    crash_limit: int = Field(default=5, ge=1)
+    crash_window: Seconds = 600.0
 
 
 class Config(_Section):
@@ -195,6 +232,8 @@ def _describe(error: dict[str, Any]) -> str:
         reason = "required"
     elif kind == "value_error":
         reason = str(error["ctx"]["error"])
+    elif kind == "too_short":
+        reason = f"needs at least {error['ctx']['min_length']} item(s)"
     else:
         reason = error["msg"][0].lower() + error["msg"][1:]
     return f"{path or '(top level)'}: {reason}"
@@ -225,11 +264,15 @@ def _check_semantics(config: Config) -> list[str]:
         if backend.runtime == "openai" and backend.url is None:
             problems.append(f"{at}.url: required for runtime 'openai' (the gateway cannot spawn it)")
         if backend.url is not None:
-            for field in ("binary", "port"):
+            for field in ("binary", "port", "gpus", "group", "idle_ttl"):
                 if getattr(backend, field) is not None:
                     problems.append(f"{at}.{field}: only for a managed backend, not with `url`")
             if backend.args or backend.env:
                 problems.append(f"{at}: `args` and `env` are only for a managed backend, not with `url`")
+            if backend.start == "on_demand":
+                problems.append(f"{at}.start: on_demand needs a managed backend (the gateway cannot start a `url`)")
+        if backend.idle_ttl is not None and backend.start != "on_demand":
+            problems.append(f"{at}.idle_ttl: only with `start: on_demand` (an eager backend is never stopped)")
         names = _derived_serves(backend)
         if not names and backend.url is not None:
             problems.append(f"{at}.serves: required for an attached backend (the model names it answers)")

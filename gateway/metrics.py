@@ -49,6 +49,41 @@ backend_ready = Gauge("gateway_backend_ready", "1 when the backend takes request
 backend_transitions = Counter("gateway_backend_transitions_total", "Lifecycle transitions, by target state.",
                               ["backend", "runtime", "state"], registry=REGISTRY)
 
+backend_restarts = Counter("gateway_backend_restarts_total", "Automatic restarts, by cause (crash, unhealthy).",
+                           ["backend", "runtime", "cause"], registry=REGISTRY)
+backend_slots = Gauge("gateway_backend_slots", "Requests a backend may run at once (its `slots`).", ["backend"],
+                      registry=REGISTRY)
+backend_load = Gauge(
+    "gateway_backend_load",
+    "Load the runtime itself reports, under one name for every runtime: kind = running | waiting | kv_cache_usage_ratio.",
+    ["backend", "runtime", "kind"], registry=REGISTRY,
+)
+
+# Admission: limits and the queue.
+queue_depth = Gauge("gateway_queue_depth", "Requests waiting for admission on this replica.", ["model"],
+                    registry=REGISTRY)
+queue_wait = Histogram("gateway_queue_wait_seconds", "Time a request waited for admission (admitted or not).",
+                       ["model", "outcome"], buckets=_LATENCY, registry=REGISTRY)
+rate_limited = Counter(
+    "gateway_rate_limited_total",
+    "Requests refused by admission, by reason (rpm, tpm, concurrency, queue_full, queue_timeout, too_large, capacity).",
+    ["model", "reason"], registry=REGISTRY,
+)
+rejected = Counter(
+    "gateway_rejected_total",
+    "Requests refused before reaching a backend, by reason (auth, invalid, model_not_found, too_large, unavailable).",
+    ["reason"], registry=REGISTRY,
+)
+admission_mode = Gauge("gateway_admission_mode", "1 for the admission mode in force (redis, local, fail_closed, memory).",
+                       ["mode"], registry=REGISTRY)
+redis_up = Gauge("gateway_redis_up", "1 while the shared Redis answers, 0 while the circuit is open.", registry=REGISTRY)
+
+# Per key: only with metrics.key_labels, since every key is a label value.
+key_requests = Counter("gateway_key_requests_total", "Requests by API key id (metrics.key_labels only).",
+                       ["key_id", "model", "status"], registry=REGISTRY)
+key_tokens = Counter("gateway_key_tokens_total", "Tokens by API key id and kind (metrics.key_labels only).",
+                     ["key_id", "kind"], registry=REGISTRY)
+
 _STATES = ("stopped", "starting", "ready", "unhealthy", "stopping", "failed")
 
 
