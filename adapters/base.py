@@ -1,8 +1,10 @@
 """The narrow interface between the gateway and one kind of runtime.
 
-An adapter answers four questions and does no I/O of its own:
-  - how to launch the runtime (command line and environment) for a managed backend;
-  - what a health probe's answer means (loading, ready, or broken);
+An adapter answers these questions and does no I/O of its own:
+  - how to launch the runtime (command line and environment, GPU selection) for a managed
+    backend, and which one-shot commands to run around it (a version probe; `ollama pull`);
+  - what a health probe's answer means (loading, ready, or broken), for readiness and liveness;
+  - where the runtime reports its load, and what that report says (running, waiting requests);
   - how an OpenAI request becomes the runtime's request;
   - how the runtime's reply, error or stream becomes OpenAI objects.
 The default implementation is passthrough for runtimes that already speak the OpenAI API; a
@@ -45,15 +47,41 @@ class UpstreamRequest:
     body: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Load:
+    """What a runtime says about its own load, under one set of names for every runtime."""
+
+    running: float | None = None
+    waiting: float | None = None
+    kv_cache_usage_ratio: float | None = None
+
+
 class Adapter:
     runtime: ClassVar[str] = "openai"
     owned_by: ClassVar[str] = "openai"
     health_path: ClassVar[str] = "/health"
+    # Where the runtime reports its load (None: it does not; the gateway's own count is used).
+    load_path: ClassVar[str | None] = None
 
     # --- managed processes ----------------------------------------------------------------
 
     def launch(self, backend: BackendConfig, port: int) -> Launch:
         raise NotImplementedError(f"runtime {self.runtime!r} cannot be spawned; give the backend a `url`")
+
+    def version_command(self, backend: BackendConfig) -> Launch | None:
+        """A one-shot command whose output says which runtime build runs (kept in the backend's log)."""
+        return None
+
+    def setup_commands(self, backend: BackendConfig, base_url: str) -> list[Launch]:
+        """One-shot commands to run once the server is ready (e.g. pulling missing models)."""
+        return []
+
+    def gpu_env(self, backend: BackendConfig) -> dict[str, str]:
+        return {"CUDA_VISIBLE_DEVICES": backend.gpus} if backend.gpus is not None else {}
+
+    def load(self, status: int, body: bytes) -> Load | None:
+        """Parse the answer from `load_path`; None when it says nothing usable."""
+        return None
 
     def health(self, status: int, body: bytes) -> Health:
         if status == 200:
@@ -81,8 +109,11 @@ class Adapter:
             raise self.error(502, body)
         return data
 
-    async def stream(self, lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
-        """Server-sent events -> chunk objects; raises UpstreamError on an error event."""
+    async def stream(self, endpoint: Endpoint, lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+        """The runtime's stream -> OpenAI chunk objects; raises UpstreamError on an error event.
+
+        Passthrough: server-sent events whose data is already an OpenAI chunk.
+        """
         async for raw in lines:
             line = raw.strip()
             if not line or line.startswith(b":"):

@@ -56,15 +56,18 @@ class LlamaCppAdapter(Adapter):
         if backend.api_key:
             argv += ["--api-key", backend.api_key]
         # The operator's args come last: llama-server takes the last value of a repeated flag.
-        return Launch(argv + list(backend.args), dict(backend.env))
+        return Launch(argv + list(backend.args), {**self.gpu_env(backend), **backend.env})
+
+    def version_command(self, backend: BackendConfig) -> Launch | None:
+        return Launch([*find_binary(backend.binary), "--version"], dict(backend.env))
 
     def response(self, endpoint: Endpoint, body: bytes) -> dict[str, Any]:
         data = super().response(endpoint, body)
         data.pop("timings", None)  # llama.cpp-only; dropped so no client can tell runtimes apart
         return data
 
-    async def stream(self, lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
-        async for chunk in super().stream(lines):
+    async def stream(self, endpoint: Endpoint, lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+        async for chunk in super().stream(endpoint, lines):
             chunk.pop("timings", None)
             yield chunk
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -11,7 +12,8 @@ from typing import Any
 from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
 
-from gateway.api import health, v1
+from gateway.api import admin_backends, admin_keys, health, v1
+from gateway.auth import KeyCache
 from gateway.config import Config
 from gateway.errors import (
     BodyTooLarge,
@@ -23,8 +25,10 @@ from gateway.errors import (
     UpstreamError,
 )
 from gateway.routing import ModelTable
+from gateway.store import open_store
 from gateway.supervisor import Supervisor
 from gateway.upstream import Upstream
+from gateway.usage import UsageRecorder
 
 log = logging.getLogger("gateway")
 
@@ -35,6 +39,10 @@ class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.started = int(time.time())
+        self.redis = _redis_client(config.store.url) if config.store.url else None
+        self.store = open_store(config, self.redis)
+        self.keys = KeyCache(self.store, config.auth, config.limits.default)
+        self.usage = UsageRecorder(self.store)
         self.supervisor = Supervisor(config)
         self.models = ModelTable(self.supervisor.backends.values(), config.models.aliases)
         self.upstream = Upstream(connect_timeout=config.server.connect_timeout,
@@ -42,17 +50,28 @@ class Gateway:
 
     @asynccontextmanager
     async def lifespan(self, app: Litestar) -> AsyncIterator[None]:
-        # Opened in dependency order, closed in reverse, each close running even if a later
-        # open failed.
-        await self.upstream.open()
-        try:
+        # Opened in dependency order, closed in reverse; each close runs even if a later open failed.
+        async with contextlib.AsyncExitStack() as stack:
+            if self.redis is not None:
+                stack.push_async_callback(self.redis.aclose)
+            await self.upstream.open()
+            stack.push_async_callback(self.upstream.close)
+            await self.store.open()
+            stack.push_async_callback(self.store.close)
+            await self.keys.start()
+            stack.push_async_callback(self.keys.stop)
+            await self.usage.start()
+            stack.push_async_callback(self.usage.stop)
             await self.supervisor.start()
-            try:
-                yield
-            finally:
-                await self.supervisor.stop()
-        finally:
-            await self.upstream.close()
+            stack.push_async_callback(self.supervisor.stop)
+            yield
+
+
+def _redis_client(url: str):  # type: ignore[no-untyped-def]
+    import redis.asyncio as redis
+
+    # Short socket bounds: a Redis that stops answering must fail requests fast, never hang them.
+    return redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=15)
 
 
 def _render(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -82,7 +101,7 @@ def _as_gateway_error(exc: Exception) -> GatewayError:
 def create_app(config: Config) -> Litestar:
     gateway = Gateway(config)
     app = Litestar(
-        route_handlers=[*v1.ROUTES, *health.ROUTES],
+        route_handlers=[*v1.ROUTES, *health.ROUTES, *admin_keys.ROUTES, *admin_backends.ROUTES],
         lifespan=[gateway.lifespan],
         exception_handlers={Exception: _render},
         # Bodies over the bound are refused from Content-Length alone, or as soon as the bytes

@@ -1,13 +1,49 @@
-"""Who is asking: the admin key for /admin, API keys for /v1 (see the keys store)."""
+"""Who is asking: the admin key for /admin, API keys for /v1.
+
+API keys are looked up in memory by the hash of the presented secret; the cache is loaded from
+the store at start and kept fresh by the store's change feed (pub/sub on Redis), so the hot path
+never waits on a store and a revocation reaches every replica within a second.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from litestar import Request
 
-from gateway.errors import AuthenticationFailed, PermissionDenied
+from gateway.config import AuthConfig, LimitValues
+from gateway.errors import AuthenticationFailed, ModelNotFound, PermissionDenied
+from gateway.routing import Route
+from gateway.store.base import ApiKey, Store, hash_secret
+
+log = logging.getLogger("gateway.auth")
+
+FULL_RELOAD_INTERVAL = 60.0  # a safety net under the change feed
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller of one request, with the limits that apply to it."""
+
+    key_id: str  # "anonymous" when auth is off
+    models: frozenset[str] | None
+    rpm: int | None
+    tpm: int | None
+    max_concurrency: int | None
+    priority: int
+
+    def may_use(self, route: Route) -> bool:
+        # Listing a served name grants its aliases; listing an alias grants only the alias.
+        return self.models is None or route.public in self.models or route.served in self.models
+
+    def check_model(self, route: Route) -> None:
+        if not self.may_use(route):
+            raise ModelNotFound(route.public)  # exactly as for a model that does not exist
 
 
 def bearer(request: Request[Any, Any, Any]) -> str | None:
@@ -26,3 +62,81 @@ def require_admin(request: Request[Any, Any, Any]) -> None:
     given = bearer(request)
     if given is None or not hmac.compare_digest(given.encode(), admin_key.encode()):
         raise AuthenticationFailed("Invalid admin key. Admin routes need `Authorization: Bearer <admin key>`.")
+
+
+class KeyCache:
+    def __init__(self, store: Store, auth: AuthConfig, defaults: LimitValues) -> None:
+        self._store = store
+        self._required = auth.required
+        self._defaults = defaults
+        self._by_hash: dict[str, ApiKey] = {}
+        self._by_id: dict[str, ApiKey] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._anonymous = Principal("anonymous", None, defaults.rpm, defaults.tpm, defaults.max_concurrency, 0)
+
+    async def start(self) -> None:
+        await self.reload()
+        self._task = asyncio.create_task(self._follow(), name="key-cache")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def reload(self) -> None:
+        keys = await self._store.all_keys()
+        self._by_id = {k.id: k for k in keys}
+        self._rebuild()
+
+    async def refresh(self, key_id: str) -> None:
+        key = await self._store.get_key(key_id)
+        if key is None:
+            self._by_id.pop(key_id, None)
+        else:
+            self._by_id[key_id] = key
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        now = time.time()
+        self._by_hash = {h: k for k in self._by_id.values() for h in k.hashes(now)}
+
+    async def _follow(self) -> None:
+        changes = self._store.key_changes()
+        next_full = time.monotonic() + FULL_RELOAD_INTERVAL
+        while True:
+            try:
+                key_id = await asyncio.wait_for(anext(changes), timeout=FULL_RELOAD_INTERVAL)
+            except asyncio.TimeoutError:
+                key_id = None
+            try:
+                if key_id is None or time.monotonic() >= next_full:
+                    await self.reload()
+                    next_full = time.monotonic() + FULL_RELOAD_INTERVAL
+                else:
+                    await self.refresh(key_id)
+            except Exception as exc:  # noqa: BLE001 - keep serving from the last good cache
+                log.warning("key cache refresh failed (%s); serving the last loaded keys", exc)
+                await asyncio.sleep(1.0)
+
+    def authenticate(self, request: Request[Any, Any, Any]) -> Principal:
+        secret = bearer(request)
+        if secret is None:
+            if not self._required:
+                return self._anonymous
+            raise AuthenticationFailed(
+                "You didn't provide an API key. Send it as `Authorization: Bearer <key>`; an admin issues keys.")
+        digest = hash_secret(secret)
+        key = self._by_hash.get(digest)
+        now = time.time()
+        # The dict lookup finds the candidate; the final comparison is constant-time anyway.
+        if key is None or not any(hmac.compare_digest(digest, h) for h in key.hashes(now)) or not key.usable(now):
+            raise AuthenticationFailed("Incorrect API key provided, or the key was revoked or has expired.")
+        d = self._defaults
+        return Principal(
+            key_id=key.id,
+            models=frozenset(key.models) if key.models is not None else None,
+            rpm=key.rpm if key.rpm is not None else d.rpm,
+            tpm=key.tpm if key.tpm is not None else d.tpm,
+            max_concurrency=key.max_concurrency if key.max_concurrency is not None else d.max_concurrency,
+            priority=key.priority,
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -32,6 +33,11 @@ def serve(args: argparse.Namespace) -> None:
         k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None
     })
     config = config.model_copy(update={"server": server})
+    if not config.auth.required and not config.auth.allow_public_without_keys and not _loopback(server.host):
+        print(f"error: auth.required is false, so the gateway only binds a loopback address, not {server.host}.\n"
+              "  Set auth.allow_public_without_keys: true to serve every client on the network without keys.",
+              file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
     logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config.data_dir.mkdir(parents=True, exist_ok=True)
 
@@ -50,6 +56,15 @@ def serve(args: argparse.Namespace) -> None:
         # The lifespan stops every backend; give it their grace periods to do so.
         timeout_graceful_shutdown=max(b.stop_timeout for b in config.backends) + 5,
     )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check(args: argparse.Namespace) -> None:

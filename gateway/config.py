@@ -97,9 +97,16 @@ class AdminConfig(_Section):
     key: str | None = None
 
 
+class AuthConfig(_Section):
+    # Every /v1 request needs an API key. Switching this off is for a loopback-only setup: the
+    # gateway then refuses a non-loopback address unless `allow_public_without_keys` says so too.
+    required: bool = True
+    allow_public_without_keys: bool = False
+
+
 class StoreConfig(_Section):
     # None: the embedded SQLite store in data_dir. `redis://...`: shared by every replica.
-    url: str | None = None
+    url: Annotated[str, _matching(r"^rediss?://", "a redis:// or rediss:// URL")] | None = None
 
 
 class LimitValues(_Section):
@@ -178,6 +185,7 @@ class Config(_Section):
     data_dir: Path
     server: ServerConfig = ServerConfig()
     admin: AdminConfig = AdminConfig()
+    auth: AuthConfig = AuthConfig()
     store: StoreConfig = StoreConfig()
     backends: list[BackendConfig] = Field(min_length=1)
     models: ModelsConfig = ModelsConfig()

@@ -8,7 +8,7 @@ wrong type is a 400 that names the field.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
@@ -121,6 +121,19 @@ def decode_request(endpoint: Endpoint, body: bytes) -> dict[str, Any]:
     except msgspec.ValidationError as exc:
         raise _invalid(str(exc)) from None
     return data
+
+
+T = TypeVar("T")
+
+
+def decode_as(body: bytes, schema: type[T]) -> T:
+    """Bytes -> a typed struct (admin API bodies), or InvalidRequest naming the field."""
+    try:
+        return msgspec.json.decode(body or b"{}", type=schema)
+    except msgspec.ValidationError as exc:
+        raise _invalid(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
 
 
 def _invalid(detail: str) -> InvalidRequest:

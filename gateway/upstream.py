@@ -19,7 +19,7 @@ import aiohttp
 from adapters.base import Adapter, UpstreamRequest
 from gateway import metrics
 from gateway.errors import BackendUnavailable, GatewayError, UpstreamError, UpstreamTimeout
-from gateway.openai import DONE, encode, sse, usage_object
+from gateway.openai import DONE, Endpoint, encode, sse, usage_object
 
 log = logging.getLogger("gateway.upstream")
 
@@ -96,8 +96,8 @@ class StreamOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-async def relay_stream(resp: aiohttp.ClientResponse, adapter: Adapter, *, public_model: str, include_usage: bool,
-                       backend: str, outcome: StreamOutcome) -> AsyncIterator[bytes]:
+async def relay_stream(resp: aiohttp.ClientResponse, adapter: Adapter, endpoint: Endpoint, *, public_model: str,
+                       include_usage: bool, backend: str, outcome: StreamOutcome) -> AsyncIterator[bytes]:
     """The runtime's stream -> OpenAI SSE for the client.
 
     Usage is always asked of the runtime; wherever it arrives (on the finish chunk, or in a
@@ -108,7 +108,7 @@ async def relay_stream(resp: aiohttp.ClientResponse, adapter: Adapter, *, public
     """
     last: dict[str, Any] = {}
     try:
-        async for chunk in adapter.stream(resp.content):
+        async for chunk in adapter.stream(endpoint, resp.content):
             usage = chunk.pop("usage", None)
             if usage:
                 outcome.usage = usage

@@ -60,3 +60,70 @@ def llama_gateway(tmp_path_factory: pytest.TempPathFactory, llamacpp_backend: di
         yield gateway.wait_healthy(120)
     finally:
         gateway.stop()
+
+
+class RedisServer:
+    """A real redis-server of the tests' own, on a free port, keeping nothing on disk."""
+
+    def __init__(self, directory: Path) -> None:
+        import shutil
+        import subprocess
+
+        from tests.helpers import free_port
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: `make test` installs it (Debian package redis-server)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                      "--dir", str(directory)]
+        self._popen = subprocess.Popen
+        self.proc = self.start()
+
+    def start(self):  # type: ignore[no-untyped-def]
+        import subprocess
+
+        import redis
+
+        self.proc = subprocess.Popen(self._args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+        from tests.helpers import wait_until
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        if not wait_until(answers, timeout=10):
+            raise RuntimeError("redis-server did not start")
+        client.close()
+        return self.proc
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def flush(self) -> None:
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        client.flushall()
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """A clean database on the tests' own Redis."""
+    if redis_server.proc.poll() is not None:  # a test killed it on purpose
+        redis_server.start()
+    redis_server.flush()
+    return redis_server.url

@@ -16,6 +16,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKES = ROOT / "tests" / "fakes"
+ADMIN_KEY = "test-admin-key-0123456789"
 
 
 def free_port() -> int:
@@ -69,7 +70,7 @@ class GatewayProcess:
         self.directory = directory
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = {"data_dir": str(directory / "data"), **config}
+        config = {"data_dir": str(directory / "data"), "admin": {"key": ADMIN_KEY}, **config}
         self.config_path = directory / "gateway.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = directory / "gateway.log"
@@ -92,6 +93,16 @@ class GatewayProcess:
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"gateway not {path} after {timeout}s:\n{self.log()}")
+
+    def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.request(method, self.url + path, headers={"authorization": f"Bearer {ADMIN_KEY}"},
+                             timeout=30, **kwargs)
+
+    def new_key(self, **fields: Any) -> str:
+        """Issue an API key through the admin API; returns the plaintext secret."""
+        response = self.admin("POST", "/admin/keys", json={"name": "test", **fields})
+        assert response.status_code == 201, response.text
+        return str(response.json()["key"])
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]

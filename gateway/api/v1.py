@@ -1,7 +1,7 @@
 """The OpenAI front door. Each handler only puts the steps in order:
 
-    decode -> route -> (per candidate) adapter.request -> upstream.send -> reply or relay stream
-                                                                     -> account (metrics, usage)
+    auth -> decode -> route (+ the key's model list) -> (per candidate) adapter.request
+         -> upstream.send -> reply or relay stream -> account (metrics, usage per key)
 """
 
 from __future__ import annotations
@@ -34,73 +34,98 @@ SSE_HEADERS = {
 async def _serve(request: Request[Any, Any, Any], endpoint: Endpoint) -> Response[Any]:
     gateway: Gateway = request.app.state.gateway
     started = time.perf_counter()
+    principal = gateway.keys.authenticate(request)
     body = decode_request(endpoint, await request.body())
     route = gateway.models.resolve(body["model"])
+    principal.check_model(route)
     stream = bool(body.get("stream")) and endpoint != "embeddings"
+    account = Accounting(gateway, principal.key_id, route.public, route.served, endpoint, started)
 
     # Failover before the first byte: a backend that refuses the connection is skipped.
     failure: GatewayError | None = None
     for backend in choose(route):
         upstream_request = backend.adapter.request(endpoint, body, route.served)
-        backend.inflight += 1
-        metrics.inflight.labels(backend.name).inc()
+        account.begin(backend)
         try:
             resp = await gateway.upstream.send(backend.url, backend.adapter, upstream_request,
                                                backend=backend.name, headers=_forward_headers(backend))
         except BackendUnavailable as exc:
-            _done(backend, route.public, endpoint, exc.status, started)
+            account.end(exc.status, None)
             failure = exc
             continue
         except GatewayError as exc:
-            _done(backend, route.public, endpoint, exc.status, started)
+            account.end(exc.status, None)
             raise
         if stream:
             outcome = StreamOutcome()
-            chunks = relay_stream(resp, backend.adapter, public_model=route.public,
+            chunks = relay_stream(resp, backend.adapter, endpoint, public_model=route.public,
                                   include_usage=wants_usage(body), backend=backend.name, outcome=outcome)
-            return Stream(_accounted(chunks, backend, route.public, endpoint, started, outcome),
-                          media_type="text/event-stream", headers=SSE_HEADERS)
+            return Stream(_accounted(chunks, account, outcome), media_type="text/event-stream", headers=SSE_HEADERS)
         try:
             raw = await gateway.upstream.read(resp, backend.name)
             data = backend.adapter.response(endpoint, raw)
         except GatewayError as exc:
-            _done(backend, route.public, endpoint, exc.status, started)
+            account.end(exc.status, None)
             raise
         data["model"] = route.public
-        _count_tokens(route.public, data.get("usage"))
-        _done(backend, route.public, endpoint, 200, started)
+        account.end(200, data.get("usage"))
         return Response(encode(data), media_type=JSON)
     assert failure is not None
     raise failure
 
 
-async def _accounted(chunks: AsyncIterator[bytes], backend: Backend, model: str, endpoint: Endpoint,
-                     started: float, outcome: StreamOutcome) -> AsyncIterator[bytes]:
+class Accounting:
+    """Everything recorded about one request once it reaches a backend: in-flight counts,
+    metrics, and the key's usage (on success and on failure alike)."""
+
+    __slots__ = ("gateway", "key_id", "model", "served", "endpoint", "started", "backend")
+
+    def __init__(self, gateway: Gateway, key_id: str, model: str, served: str, endpoint: Endpoint,
+                 started: float) -> None:
+        self.gateway, self.key_id, self.model, self.served = gateway, key_id, model, served
+        self.endpoint, self.started = endpoint, started
+        self.backend: Backend | None = None
+
+    def begin(self, backend: Backend) -> None:
+        self.backend = backend
+        backend.last_used = time.monotonic()
+        backend.inflight += 1
+        metrics.inflight.labels(backend.name).inc()
+
+    def end(self, status: int, usage: dict[str, Any] | None) -> None:
+        backend = self.backend
+        assert backend is not None
+        backend.last_used = time.monotonic()
+        backend.inflight -= 1
+        metrics.inflight.labels(backend.name).dec()
+        metrics.requests_total.labels(self.model, backend.name, self.endpoint, metrics.status_class(status)).inc()
+        metrics.request_duration.labels(self.model, self.endpoint).observe(time.perf_counter() - self.started)
+        prompt = int(usage.get("prompt_tokens") or 0) if usage else 0
+        completion = int(usage.get("completion_tokens") or 0) if usage else 0
+        if usage:
+            metrics.prompt_tokens.labels(self.model).inc(prompt)
+            metrics.completion_tokens.labels(self.model).inc(completion)
+        self.gateway.usage.add(self.key_id, self.served, prompt_tokens=prompt, completion_tokens=completion,
+                               error=status >= 400)
+        if self.gateway.config.metrics.key_labels:
+            metrics.key_requests.labels(self.key_id, self.model, metrics.status_class(status)).inc()
+            metrics.key_tokens.labels(self.key_id, "prompt").inc(prompt)
+            metrics.key_tokens.labels(self.key_id, "completion").inc(completion)
+
+
+async def _accounted(chunks: AsyncIterator[bytes], account: Accounting, outcome: StreamOutcome) -> AsyncIterator[bytes]:
     try:
         async for piece in chunks:
             yield piece
     finally:
+        # 499: the client went away before the end (nginx's convention).
         status = outcome.error.status if outcome.error else (200 if outcome.finished else 499)
-        _count_tokens(model, outcome.usage)
         if outcome.first_chunk_at is not None:
-            metrics.time_to_first_token.labels(model).observe(outcome.first_chunk_at - started)
+            metrics.time_to_first_token.labels(account.model).observe(outcome.first_chunk_at - account.started)
             if outcome.chunks > 1:
                 gap = (time.perf_counter() - outcome.first_chunk_at) / (outcome.chunks - 1)
-                metrics.inter_token_latency.labels(model).observe(gap)
-        _done(backend, model, endpoint, status, started)
-
-
-def _done(backend: Backend, model: str, endpoint: Endpoint, status: int, started: float) -> None:
-    backend.inflight -= 1
-    metrics.inflight.labels(backend.name).dec()
-    metrics.requests_total.labels(model, backend.name, endpoint, metrics.status_class(status)).inc()
-    metrics.request_duration.labels(model, endpoint).observe(time.perf_counter() - started)
-
-
-def _count_tokens(model: str, usage: dict[str, Any] | None) -> None:
-    if usage:
-        metrics.prompt_tokens.labels(model).inc(usage.get("prompt_tokens") or 0)
-        metrics.completion_tokens.labels(model).inc(usage.get("completion_tokens") or 0)
+                metrics.inter_token_latency.labels(account.model).observe(gap)
+        account.end(status, outcome.usage)
 
 
 def _forward_headers(backend: Backend) -> dict[str, str]:
@@ -126,18 +151,21 @@ async def embeddings(request: Request[Any, Any, Any]) -> Response[Any]:
 @get("/v1/models")
 async def list_models(request: Request[Any, Any, Any]) -> Response[Any]:
     gateway: Gateway = request.app.state.gateway
+    principal = gateway.keys.authenticate(request)
     data = [{"id": name, "object": "model", "created": gateway.started, "owned_by": owner}
-            for name, owner in gateway.models.listing()]
+            for name, owner in gateway.models.listing() if principal.may_use(gateway.models.resolve(name))]
     return Response(encode({"object": "list", "data": data}), media_type=JSON)
 
 
 @get("/v1/models/{model:path}")
 async def get_model(request: Request[Any, Any, Any], model: str) -> Response[Any]:
     gateway: Gateway = request.app.state.gateway
+    principal = gateway.keys.authenticate(request)
     model = model.lstrip("/")  # model ids may contain slashes (`org/name`)
     owner = dict(gateway.models.listing()).get(model)
     if owner is None:
         raise ModelNotFound(model)
+    principal.check_model(gateway.models.resolve(model))
     return Response(encode({"id": model, "object": "model", "created": gateway.started, "owned_by": owner}),
                     media_type=JSON)
 

@@ -38,6 +38,7 @@ class Backend:
         self.adapter = adapter
         self.log = log_
         self.inflight = 0
+        self.last_used = time.monotonic()  # set by the request path at each request's start and end
         self.process: RuntimeProcess | None = None
         # Attached servers have no process; their state comes from probes alone.
         self.attached_state = State.STARTING

@@ -27,8 +27,9 @@ def test_failed_and_unreachable_backends_give_503(start_gateway: StartGateway) -
     assert backends["broken"]["state"] == "failed"
     assert "failed to load model" in backends["broken"]["reason"]
 
+    key = gateway.new_key()
     for model in ("broken-model", "away-model"):
-        r = httpx.post(gateway.url + "/v1/chat/completions",
+        r = httpx.post(gateway.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
                        json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 503, r.text
         error = r.json()["error"]

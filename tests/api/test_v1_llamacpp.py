@@ -12,8 +12,18 @@ MESSAGES = [{"role": "user", "content": "Name a colour."}]
 
 
 @pytest.fixture(scope="module")
-def client(llama_gateway: GatewayProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=llama_gateway.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+def api_key(llama_gateway: GatewayProcess) -> str:
+    return llama_gateway.new_key(name="e2e")
+
+
+@pytest.fixture(scope="module")
+def client(llama_gateway: GatewayProcess, api_key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=llama_gateway.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(llama_gateway: GatewayProcess, api_key: str) -> httpx.Client:
+    return httpx.Client(base_url=llama_gateway.url, headers={"authorization": f"Bearer {api_key}"}, timeout=60)
 
 
 def test_chat_completion(client: openai.OpenAI) -> None:
@@ -98,8 +108,8 @@ def _error(response: httpx.Response, status: int) -> dict[str, object]:
     return body["error"]
 
 
-def test_malformed_json_is_400(llama_gateway: GatewayProcess) -> None:
-    r = httpx.post(llama_gateway.url + "/v1/chat/completions", content=b'{"model": "gemma3-270m", "messages": [',
+def test_malformed_json_is_400(http: httpx.Client) -> None:
+    r = http.post("/v1/chat/completions", content=b'{"model": "gemma3-270m", "messages": [',
                    headers={"content-type": "application/json"})
     error = _error(r, 400)
     assert error["type"] == "invalid_request_error" and "not valid JSON" in str(error["message"])
@@ -115,8 +125,8 @@ def test_wrong_type_is_400_naming_the_field(client: openai.OpenAI) -> None:
     assert info.value.param == "messages[0].role"
 
 
-def test_missing_field_is_400(llama_gateway: GatewayProcess) -> None:
-    error = _error(httpx.post(llama_gateway.url + "/v1/chat/completions", json={"model": "gemma3-270m"}), 400)
+def test_missing_field_is_400(http: httpx.Client) -> None:
+    error = _error(http.post("/v1/chat/completions", json={"model": "gemma3-270m"}), 400)
     assert error["param"] == "messages"
 
 
@@ -127,28 +137,28 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     assert "`gpt-5` does not exist" in info.value.message
 
 
-def test_body_over_max_body_is_413(llama_gateway: GatewayProcess) -> None:
+def test_body_over_max_body_is_413(http: httpx.Client) -> None:
     big = b'{"model":"gemma3-270m","messages":[{"role":"user","content":"' + b"a" * 100_000 + b'"}]}'
-    error = _error(httpx.post(llama_gateway.url + "/v1/chat/completions", content=big), 413)
+    error = _error(http.post("/v1/chat/completions", content=big), 413)
     assert error["code"] == "request_too_large"
 
     def chunked():  # no Content-Length: the bound holds on the bytes actually read
         yield big[:1000]
         yield big[1000:]
 
-    _error(httpx.post(llama_gateway.url + "/v1/chat/completions", content=chunked()), 413)
+    _error(http.post("/v1/chat/completions", content=chunked()), 413)
 
 
-def test_unknown_path_and_method(llama_gateway: GatewayProcess) -> None:
-    assert _error(httpx.get(llama_gateway.url + "/v1/nothing"), 404)["code"] == "not_found"
-    assert _error(httpx.get(llama_gateway.url + "/v1/chat/completions"), 405)["code"] == "method_not_allowed"
+def test_unknown_path_and_method(http: httpx.Client) -> None:
+    assert _error(http.get("/v1/nothing"), 404)["code"] == "not_found"
+    assert _error(http.get("/v1/chat/completions"), 405)["code"] == "method_not_allowed"
 
 
-def test_upstream_error_keeps_its_status(llama_gateway: GatewayProcess) -> None:
+def test_upstream_error_keeps_its_status(http: httpx.Client) -> None:
     # 1024 context tokens per slot: a prompt far past it is refused by llama-server itself.
     long_prompt = "word " * 3000
-    r = httpx.post(llama_gateway.url + "/v1/chat/completions", timeout=60,
-                   json={"model": "gemma3-270m", "messages": [{"role": "user", "content": long_prompt}]})
+    r = http.post("/v1/chat/completions",
+                  json={"model": "gemma3-270m", "messages": [{"role": "user", "content": long_prompt}]})
     error = _error(r, 400)
     assert error["type"] == "invalid_request_error"
     assert error["message"]

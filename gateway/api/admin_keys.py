@@ -1,0 +1,207 @@
+"""Admin API for keys and usage. Every route takes the admin key only."""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
+from litestar import Request, Response, delete, get, patch, post
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from gateway import keys
+from gateway.auth import require_admin
+from gateway.errors import InvalidRequest
+from gateway.openai import decode_as, encode
+from gateway.store.base import hour_of
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+Priority = Annotated[int, Meta(ge=-100, le=100)]
+Name = Annotated[str, Meta(min_length=1, max_length=200)]
+Models = Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(max_length=1000)]
+When = str | int | float  # RFC 3339 text or unix seconds
+Duration = str | int | float  # seconds, or "90s", "15m", "12h", "30d"
+
+
+class KeyCreate(Struct, forbid_unknown_fields=True):
+    name: Name
+    models: Models | None = None
+    rpm: PositiveInt | None = None
+    tpm: PositiveInt | None = None
+    max_concurrency: PositiveInt | None = None
+    priority: Priority = 0
+    expires_at: When | None = None
+    expires_in: Duration | None = None
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class KeyUpdate(Struct, forbid_unknown_fields=True):
+    name: Name | UnsetType = UNSET
+    models: Models | None | UnsetType = UNSET
+    rpm: PositiveInt | None | UnsetType = UNSET
+    tpm: PositiveInt | None | UnsetType = UNSET
+    max_concurrency: PositiveInt | None | UnsetType = UNSET
+    priority: Priority | UnsetType = UNSET
+    expires_at: When | None | UnsetType = UNSET
+    expires_in: Duration | None | UnsetType = UNSET
+    metadata: dict[str, Any] | UnsetType = UNSET
+
+
+class KeyRotate(Struct, forbid_unknown_fields=True):
+    grace_period: Duration = 0
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def _seconds(value: Duration, field: str) -> float:
+    if isinstance(value, (int, float)) and value >= 0:
+        return float(value)
+    if isinstance(value, str) and (m := _DURATION.match(value)):
+        return float(m.group(1)) * _UNITS[m.group(2)]
+    raise InvalidRequest(f"Invalid value for '{field}': expected seconds or a duration such as '30d'.", param=field)
+
+
+def _timestamp(value: When, field: str) -> float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise InvalidRequest(f"Invalid value for '{field}': expected RFC 3339 time or unix seconds.",
+                             param=field) from None
+
+
+def _expiry(expires_at: Any, expires_in: Any) -> float | None:
+    if expires_at is not None and expires_in is not None:
+        raise InvalidRequest("Give `expires_at` or `expires_in`, not both.", param="expires_in")
+    if expires_in is not None:
+        return time.time() + _seconds(expires_in, "expires_in")
+    if expires_at is not None:
+        return _timestamp(expires_at, "expires_at")
+    return None
+
+
+def _fields(body: KeyCreate | KeyUpdate) -> dict[str, Any]:
+    fields = {f: getattr(body, f) for f in body.__struct_fields__ if getattr(body, f) is not UNSET}
+    if "expires_at" in fields or "expires_in" in fields:
+        fields["expires_at"] = _expiry(fields.pop("expires_at", None), fields.pop("expires_in", None))
+    return fields
+
+
+def _json(data: Any, status: int = 200) -> Response[Any]:
+    return Response(encode(data), status_code=status, media_type="application/json")
+
+
+def _gateway(request: Request[Any, Any, Any]) -> Gateway:
+    require_admin(request)
+    return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+@post("/admin/keys")
+async def create_key(request: Request[Any, Any, Any]) -> Response[Any]:
+    gateway = _gateway(request)
+    fields = _fields(decode_as(await request.body(), KeyCreate))
+    key, secret = await keys.issue(gateway.store, fields)
+    return _json({**keys.public(key), "key": secret}, 201)
+
+
+@get("/admin/keys")
+async def list_keys(request: Request[Any, Any, Any]) -> Response[Any]:
+    gateway = _gateway(request)
+    q = request.query_params
+    status, name = q.get("status", "active"), q.get("name")
+    if status not in ("active", "revoked", "expired", "all"):
+        raise InvalidRequest("Invalid value for 'status': one of active, revoked, expired, all.", param="status")
+    offset, limit = _int_param(q.get("offset"), "offset", 0, 0), _int_param(q.get("limit"), "limit", 100, 1, 1000)
+    last_used = await gateway.store.last_used()
+    shown = [keys.public(k, last_used.get(k.id)) for k in await gateway.store.all_keys()]
+    shown = [k for k in shown if (status == "all" or k["status"] == status)
+             and (not name or name.lower() in k["name"].lower())]
+    page = shown[offset:offset + limit]
+    return _json({"object": "list", "data": page, "total": len(shown), "has_more": offset + limit < len(shown)})
+
+
+@get("/admin/keys/{key_id:str}")
+async def show_key(request: Request[Any, Any, Any], key_id: str) -> Response[Any]:
+    gateway = _gateway(request)
+    key = await keys.fetch(gateway.store, key_id)
+    return _json(keys.public(key, (await gateway.store.last_used()).get(key_id)))
+
+
+@patch("/admin/keys/{key_id:str}")
+async def update_key(request: Request[Any, Any, Any], key_id: str) -> Response[Any]:
+    gateway = _gateway(request)
+    fields = _fields(decode_as(await request.body(), KeyUpdate))
+    return _json(keys.public(await keys.update(gateway.store, key_id, fields)))
+
+
+@delete("/admin/keys/{key_id:str}", status_code=200)
+async def revoke_key(request: Request[Any, Any, Any], key_id: str) -> Response[Any]:
+    gateway = _gateway(request)
+    return _json(keys.public(await keys.revoke(gateway.store, key_id)))
+
+
+@post("/admin/keys/{key_id:str}/rotate")
+async def rotate_key(request: Request[Any, Any, Any], key_id: str) -> Response[Any]:
+    gateway = _gateway(request)
+    body = decode_as(await request.body(), KeyRotate)
+    key, secret = await keys.rotate(gateway.store, key_id, _seconds(body.grace_period, "grace_period"))
+    return _json({**keys.public(key), "key": secret})
+
+
+_GROUPS = {"key", "model", "hour", "day"}
+
+
+@get("/admin/usage")
+async def usage(request: Request[Any, Any, Any]) -> Response[Any]:
+    """Totals per group over [start, end), hour granularity. Defaults: the last 24 hours, by key and model."""
+    gateway = _gateway(request)
+    q = request.query_params
+    now = time.time()
+    end = _timestamp(_num(q["end"]), "end") if q.get("end") else now + 3600
+    start = _timestamp(_num(q["start"]), "start") if q.get("start") else now - 86400
+    group_by = [g for g in q.get("group_by", "key,model").split(",") if g]
+    if unknown := set(group_by) - _GROUPS:
+        raise InvalidRequest(f"Invalid value for 'group_by': unknown {sorted(unknown)}; use key, model, hour, day.",
+                             param="group_by")
+    await gateway.usage.flush()  # this replica's last second of counts, so the answer is current
+    totals: dict[tuple[Any, ...], dict[str, int]] = {}
+    for (hour, key_id, model), delta in await gateway.store.usage(hour_of(start), end):
+        parts = {"key": key_id, "model": model, "hour": keys.iso(hour), "day": keys.iso(hour - hour % 86400)}
+        group = tuple(parts[g] for g in group_by)
+        row = totals.setdefault(group, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0})
+        for field in row:
+            row[field] += getattr(delta, field)
+    data = [{**dict(zip(group_by, group)), **row, "total_tokens": row["prompt_tokens"] + row["completion_tokens"]}
+            for group, row in sorted(totals.items(), key=lambda item: tuple(str(p) for p in item[0]))]
+    return _json({"object": "list", "start": keys.iso(hour_of(start)), "end": keys.iso(end),
+                  "group_by": group_by, "data": data})
+
+
+def _num(value: str) -> str | float:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def _int_param(raw: str | None, name: str, default: int, low: int, high: int | None = None) -> int:
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidRequest(f"Invalid value for '{name}': expected an integer.", param=name) from None
+    if value < low or (high is not None and value > high):
+        raise InvalidRequest(f"Invalid value for '{name}': out of range.", param=name)
+    return value
+
+
+ROUTES = [create_key, list_keys, show_key, update_key, revoke_key, rotate_key, usage]

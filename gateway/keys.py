@@ -1,0 +1,86 @@
+"""Key lifecycle: issue, update, rotate, revoke. The plaintext secret exists only in the return
+value of `issue` and `rotate`, which the admin API sends once and nothing stores or logs."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from gateway.errors import InvalidRequest, NotFound
+from gateway.store.base import ApiKey, Store, hash_secret, new_key_id, new_secret
+
+PREFIX_CHARS = 12  # "sk-gw-" and six characters of the secret: enough to tell keys apart
+
+
+class KeyNotFound(NotFound):
+    code = "key_not_found"
+
+
+async def issue(store: Store, fields: dict[str, Any]) -> tuple[ApiKey, str]:
+    secret = new_secret()
+    now = time.time()
+    key = ApiKey(id=new_key_id(), name=fields.pop("name"), hash=hash_secret(secret), prefix=secret[:PREFIX_CHARS],
+                 created_at=now, updated_at=now, **fields)
+    await store.create_key(key)
+    return key, secret
+
+
+async def fetch(store: Store, key_id: str) -> ApiKey:
+    key = await store.get_key(key_id)
+    if key is None:
+        raise KeyNotFound(f"No API key with id `{key_id}`.", param="id")
+    return key
+
+
+async def update(store: Store, key_id: str, fields: dict[str, Any]) -> ApiKey:
+    key = await fetch(store, key_id)
+    if key.revoked_at is not None:
+        raise InvalidRequest(f"The key `{key_id}` is revoked; issue a new one.", code="key_revoked")
+    key = key.updated(**fields)
+    await store.put_key(key)
+    return key
+
+
+async def revoke(store: Store, key_id: str) -> ApiKey:
+    key = await fetch(store, key_id)
+    if key.revoked_at is None:
+        key = key.updated(revoked_at=time.time())
+        await store.put_key(key)
+    return key
+
+
+async def rotate(store: Store, key_id: str, grace_seconds: float) -> tuple[ApiKey, str]:
+    """A new secret for the same id and settings; the old one works for `grace_seconds` more."""
+    key = await fetch(store, key_id)
+    if key.revoked_at is not None:
+        raise InvalidRequest(f"The key `{key_id}` is revoked; issue a new one.", code="key_revoked")
+    secret = new_secret()
+    now = time.time()
+    key = key.updated(hash=hash_secret(secret), prefix=secret[:PREFIX_CHARS],
+                      previous_hash=key.hash if grace_seconds > 0 else None,
+                      previous_expires_at=now + grace_seconds if grace_seconds > 0 else None)
+    await store.put_key(key)
+    return key, secret
+
+
+def iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def public(key: ApiKey, last_used: float | None = None) -> dict[str, Any]:
+    """What the admin API shows of a key: never the hash, never the secret."""
+    now = time.time()
+    status = ("revoked" if key.revoked_at is not None
+              else "expired" if key.expires_at is not None and key.expires_at <= now else "active")
+    return {
+        "id": key.id, "object": "api_key", "name": key.name, "prefix": key.prefix, "status": status,
+        "models": key.models, "rpm": key.rpm, "tpm": key.tpm, "max_concurrency": key.max_concurrency,
+        "priority": key.priority, "metadata": key.metadata,
+        "created_at": iso(key.created_at), "updated_at": iso(key.updated_at), "expires_at": iso(key.expires_at),
+        "revoked_at": iso(key.revoked_at), "last_used_at": iso(last_used),
+        "previous_key_expires_at": iso(key.previous_expires_at) if key.previous_expires_at and
+        key.previous_expires_at > now else None,
+    }

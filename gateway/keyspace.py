@@ -1,0 +1,43 @@
+"""Every Redis key the gateway uses, in one screen. `{prefix}` isolates installations sharing a Redis.
+
+Store (keys and usage):
+    {p}key:{id}              string  JSON record of one API key (hash of the secret, never the secret)
+    {p}keys                  zset    key ids by creation time
+    {p}keys:changed          channel key ids changed by any replica (pub/sub)
+    {p}usage:{hour}          hash    "{key_id}|{model}|{field}" -> count, for that hour
+    {p}usage:hours           zset    the hours that have usage
+    {p}keys:last_used        zset    key id -> last use (unix seconds)
+
+Admission (limits, slots and the queue) lives under {p}adm:..., listed in gateway/admission/keys.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keyspace:
+    prefix: str = "gw:"
+
+    def key(self, key_id: str) -> str:
+        return f"{self.prefix}key:{key_id}"
+
+    @property
+    def keys(self) -> str:
+        return f"{self.prefix}keys"
+
+    @property
+    def keys_changed(self) -> str:
+        return f"{self.prefix}keys:changed"
+
+    def usage(self, hour: int) -> str:
+        return f"{self.prefix}usage:{hour}"
+
+    @property
+    def usage_hours(self) -> str:
+        return f"{self.prefix}usage:hours"
+
+    @property
+    def last_used(self) -> str:
+        return f"{self.prefix}keys:last_used"

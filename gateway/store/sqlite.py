@@ -1,0 +1,137 @@
+"""The embedded store: one SQLite file in the data directory, stdlib only.
+
+For one gateway process (the single-box default). Every statement runs on one dedicated thread,
+so the event loop never blocks on disk and SQLite sees one writer. WAL + synchronous=NORMAL:
+a committed key survives a crash of the process; usage is flushed about once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.store.base import ApiKey, Store, UsageDelta, UsageKey
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS usage (
+    hour INTEGER NOT NULL,
+    key_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (hour, key_id, model)
+);
+CREATE TABLE IF NOT EXISTS last_used (
+    key_id TEXT PRIMARY KEY,
+    at REAL NOT NULL
+);
+"""
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._db: sqlite3.Connection | None = None
+        self._changes: asyncio.Queue[str | None] = asyncio.Queue()
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            assert self._db is not None
+            with self._db:  # one transaction per call
+                return fn(self._db)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+        def connect() -> sqlite3.Connection:
+            db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(SCHEMA)
+            return db
+
+        self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._db.close)
+            self._db = None
+        self._executor.shutdown(wait=True)
+
+    async def create_key(self, key: ApiKey) -> None:
+        record = json.dumps(key.to_record())
+        await self._run(lambda db: db.execute("INSERT INTO keys (id, created_at, record) VALUES (?, ?, ?)",
+                                              (key.id, key.created_at, record)))
+        self._changes.put_nowait(key.id)
+
+    async def get_key(self, key_id: str) -> ApiKey | None:
+        row = await self._run(lambda db: db.execute("SELECT record FROM keys WHERE id = ?", (key_id,)).fetchone())
+        return ApiKey.from_record(json.loads(row[0])) if row else None
+
+    async def put_key(self, key: ApiKey) -> None:
+        record = json.dumps(key.to_record())
+        await self._run(lambda db: db.execute("UPDATE keys SET record = ? WHERE id = ?", (record, key.id)))
+        self._changes.put_nowait(key.id)
+
+    async def all_keys(self) -> list[ApiKey]:
+        rows = await self._run(lambda db: db.execute("SELECT record FROM keys ORDER BY created_at, id").fetchall())
+        return [ApiKey.from_record(json.loads(r[0])) for r in rows]
+
+    async def key_changes(self) -> AsyncIterator[str | None]:  # type: ignore[override]
+        # One process owns the file, so every change was made here: an in-process feed suffices.
+        while True:
+            yield await self._changes.get()
+
+    async def add_usage(self, deltas: dict[UsageKey, UsageDelta], last_used: dict[str, float]) -> None:
+        rows = [(hour, key_id, model, d.requests, d.prompt_tokens, d.completion_tokens, d.errors)
+                for (hour, key_id, model), d in deltas.items()]
+
+        def write(db: sqlite3.Connection) -> None:
+            db.executemany(
+                """INSERT INTO usage (hour, key_id, model, requests, prompt_tokens, completion_tokens, errors)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (hour, key_id, model) DO UPDATE SET
+                     requests = requests + excluded.requests,
+                     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+                     completion_tokens = completion_tokens + excluded.completion_tokens,
+                     errors = errors + excluded.errors""",
+                rows,
+            )
+            db.executemany(
+                """INSERT INTO last_used (key_id, at) VALUES (?, ?)
+                   ON CONFLICT (key_id) DO UPDATE SET at = max(at, excluded.at)""",
+                list(last_used.items()),
+            )
+
+        await self._run(write)
+
+    async def usage(self, start: float, end: float) -> list[tuple[UsageKey, UsageDelta]]:
+        def read(db: sqlite3.Connection) -> list[Any]:
+            return db.execute(
+                """SELECT hour, key_id, model, requests, prompt_tokens, completion_tokens, errors
+                   FROM usage WHERE hour >= ? AND hour < ? ORDER BY hour, key_id, model""",
+                (start, end),
+            ).fetchall()
+
+        return [((r[0], r[1], r[2]), UsageDelta(*r[3:])) for r in await self._run(read)]
+
+    async def last_used(self) -> dict[str, float]:
+        rows = await self._run(lambda db: db.execute("SELECT key_id, at FROM last_used").fetchall())
+        return dict(rows)
