@@ -136,10 +136,15 @@ def decode_as(body: bytes, schema: type[T]) -> T:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
 
 
+_FIELD = re.compile(r"^Object (?:contains unknown|missing required) field `([^`]*)`")
+
+
 def _invalid(detail: str) -> InvalidRequest:
     match = _AT.search(detail)
     param = match.group(1) if match else None
     reason = _AT.sub("", detail)
+    if field := _FIELD.match(reason):  # name the field itself, not the object holding it
+        param = f"{param}.{field.group(1)}" if param else field.group(1)
     if param:
         return InvalidRequest(f"Invalid value for '{param}': {reason}.", param=param)
     return InvalidRequest(f"Invalid request: {reason}.")

@@ -120,8 +120,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def key_changes(self) -> AsyncIterator[str | None]:
-        """Ids of keys changed by any replica; None means "reload everything" (after a
-        reconnect, when messages may have been missed)."""
+        """Ids of keys changed by any replica; None means "reload everything". The feed starts
+        with None, and sends it again after a reconnect (messages may have been missed)."""
 
     # --- usage ---
     @abc.abstractmethod

@@ -96,6 +96,7 @@ class SQLiteStore(Store):
 
     async def key_changes(self) -> AsyncIterator[str | None]:  # type: ignore[override]
         # One process owns the file, so every change was made here: an in-process feed suffices.
+        yield None
         while True:
             yield await self._changes.get()
 
