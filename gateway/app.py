@@ -12,6 +12,7 @@ from typing import Any
 from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
 
+from gateway.admission import open_admission
 from gateway.api import admin_backends, admin_keys, health, v1
 from gateway.auth import KeyCache
 from gateway.config import Config
@@ -43,6 +44,7 @@ class Gateway:
         self.store = open_store(config, self.redis)
         self.keys = KeyCache(self.store, config.auth, config.limits.default)
         self.usage = UsageRecorder(self.store)
+        self.admission = open_admission(config, self.redis)
         self.supervisor = Supervisor(config)
         self.models = ModelTable(self.supervisor.backends.values(), config.models.aliases)
         self.upstream = Upstream(connect_timeout=config.server.connect_timeout,
@@ -62,6 +64,8 @@ class Gateway:
             stack.push_async_callback(self.keys.stop)
             await self.usage.start()
             stack.push_async_callback(self.usage.stop)
+            await self.admission.start()
+            stack.push_async_callback(self.admission.stop)
             await self.supervisor.start()
             stack.push_async_callback(self.supervisor.stop)
             yield

@@ -117,11 +117,20 @@ class LimitValues(_Section):
 
 class LimitsConfig(_Section):
     default: LimitValues = LimitValues()
+    # Tokens reserved at admission for a request that sets no max_tokens; settled to the real
+    # count when it ends.
+    default_completion_tokens: int = Field(default=512, ge=1)
 
 
 class QueueConfig(_Section):
     max_wait: Seconds = 30.0
     max_depth: int = Field(default=1000, ge=0)
+    # Redis admission: how long a slot or queue entry lives without renewal (a replica killed
+    # with SIGKILL frees its slots within this), and what to do when Redis is unreachable.
+    lease_ttl: Seconds = 10.0
+    redis_failure: Literal["fail_closed", "local"] = "fail_closed"
+    # In `local` fallback each replica enforces limits / replicas.
+    replicas: int = Field(default=1, ge=1)
 
 
 class MetricsConfig(_Section):

@@ -9,6 +9,7 @@
      ├── MethodNotAllowed        405 method_not_allowed
      ├── BodyTooLarge            413 request_too_large
      ├── RateLimited             429 rate_limit_exceeded   (carries retry-after)
+     ├── ClientClosedRequest     499 client_closed         (the client left; nobody reads it)
      ├── BackendUnavailable      503 backend_unavailable   (no ready backend, or all failed)
      ├── UpstreamTimeout         504 upstream_timeout
      ├── UpstreamError           any status the runtime gave, normalised to the OpenAI shape
@@ -106,6 +107,12 @@ class RateLimited(GatewayError):
         merged.update(headers or {})
         super().__init__(message, headers=merged)
         self.retry_after = wait
+
+
+class ClientClosedRequest(GatewayError):
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed"
 
 
 class BackendUnavailable(GatewayError):

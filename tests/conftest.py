@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,7 @@ def start_gateway(tmp_path: Path) -> Iterator[StartGateway]:
 def llama_gateway(tmp_path_factory: pytest.TempPathFactory, llamacpp_backend: dict[str, Any]) -> Iterator[GatewayProcess]:
     """One gateway in front of a real llama-server, shared by the end-to-end tests."""
     config = {"backends": [llamacpp_backend], "models": {"aliases": {"gpt-4o-mini": "gemma3-270m"}},
-              "server": {"max_body": "64KiB"}}
+              "server": {"max_body": "64KiB"}, "queue": {"max_wait": "120s"}}
     gateway = GatewayProcess(config, tmp_path_factory.mktemp("llama_gateway"))
     try:
         yield gateway.wait_healthy(120)
@@ -127,3 +129,37 @@ def redis_url(redis_server: RedisServer) -> str:
         redis_server.start()
     redis_server.flush()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def fake_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The fake vLLM server run by hand (not by the gateway): an OpenAI-compatible upstream to
+    attach with `runtime: openai`, fast enough for tests that need many requests."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.helpers import FAKES, free_port, wait_until
+
+    port = free_port()
+    log = (tmp_path_factory.mktemp("fake_upstream") / "upstream.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, str(FAKES / "fake_vllm.py"), "serve", "fake", "--host", "127.0.0.1", "--port", str(port),
+         "--served-model-name", "fake", "--max-num-seqs", "256"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "FAKE_LOAD_SECONDS": "0", "FAKE_TOKEN_DELAY": "0.001"},
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    assert wait_until(up, timeout=20), "fake upstream did not start"
+    yield url
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    log.close()

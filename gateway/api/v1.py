@@ -1,22 +1,31 @@
 """The OpenAI front door. Each handler only puts the steps in order:
 
-    auth -> decode -> route (+ the key's model list) -> (per candidate) adapter.request
-         -> upstream.send -> reply or relay stream -> account (metrics, usage per key)
+    auth -> decode -> route (+ the key's model list) -> admission (limits, queue, a backend slot)
+         -> adapter.request -> upstream.send -> reply, or relay the stream
+         -> settle (usage per key, real tokens back to the limiter, metrics)
+
+Failover: a backend that fails before the first byte (refused, reset) hands the request to
+another ready backend of the same model; after the first byte nothing is retried.
 """
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from litestar import Request, Response, get, post
+from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from gateway import metrics
+from gateway.admission import Lease, Limits, Slot, Ticket
+from gateway.auth import Principal
 from gateway.errors import BackendUnavailable, GatewayError, ModelNotFound
 from gateway.openai import Endpoint, decode_request, encode, wants_usage
-from gateway.routing import choose
+from gateway.routing import Route, choose
 from gateway.upstream import StreamOutcome, relay_stream
 
 if TYPE_CHECKING:
@@ -29,91 +38,74 @@ SSE_HEADERS = {
     # Reverse proxies (nginx) buffer responses unless told not to, which turns a stream into one late blob.
     "x-accel-buffering": "no",
 }
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 async def _serve(request: Request[Any, Any, Any], endpoint: Endpoint) -> Response[Any]:
     gateway: Gateway = request.app.state.gateway
-    started = time.perf_counter()
-    principal = gateway.keys.authenticate(request)
-    body = decode_request(endpoint, await request.body())
-    route = gateway.models.resolve(body["model"])
-    principal.check_model(route)
-    stream = bool(body.get("stream")) and endpoint != "embeddings"
-    account = Accounting(gateway, principal.key_id, route.public, route.served, endpoint, started)
+    call = Call(gateway, endpoint, _request_id(request))
+    try:
+        principal = gateway.keys.authenticate(request)
+        raw = await request.body()
+        body = decode_request(endpoint, raw)
+        route = gateway.models.resolve(body["model"])
+        principal.check_model(route)
+        call.route = route
+        call.key_id = principal.key_id
+        backends = choose(route)
+        lease = await gateway.admission.acquire(_ticket(gateway, principal, route, backends, body, raw),
+                                                disconnected=lambda: _disconnect(request))
+        call.lease = lease
+        return await _forward(gateway, call, lease, backends, endpoint, body)
+    except GatewayError as exc:
+        exc.headers.setdefault("x-request-id", call.request_id)
+        if call.route is not None:
+            await call.finish(exc.status, None)
+        raise
+    except BaseException:  # a bug, or cancellation: the lease must still go back
+        if call.route is not None:
+            await call.finish(500, None)
+        raise
 
-    # Failover before the first byte: a backend that refuses the connection is skipped.
-    failure: GatewayError | None = None
-    for backend in choose(route):
+
+async def _forward(gateway: Gateway, call: Call, lease: Lease, backends: Sequence[Backend], endpoint: Endpoint,
+                   body: dict[str, Any]) -> Response[Any]:
+    assert call.route is not None
+    route = call.route
+    by_name = {b.name: b for b in backends}
+    backend = by_name[lease.backend]
+    headers = {"x-request-id": call.request_id, **lease.usage.headers()}
+    while True:
         upstream_request = backend.adapter.request(endpoint, body, route.served)
-        account.begin(backend)
+        call.attempt(backend)
         try:
-            resp = await gateway.upstream.send(backend.url, backend.adapter, upstream_request,
-                                               backend=backend.name, headers=_forward_headers(backend))
-        except BackendUnavailable as exc:
-            account.end(exc.status, None)
-            failure = exc
-            continue
-        except GatewayError as exc:
-            account.end(exc.status, None)
-            raise
-        if stream:
-            outcome = StreamOutcome()
-            chunks = relay_stream(resp, backend.adapter, endpoint, public_model=route.public,
-                                  include_usage=wants_usage(body), backend=backend.name, outcome=outcome)
-            return Stream(_accounted(chunks, account, outcome), media_type="text/event-stream", headers=SSE_HEADERS)
-        try:
-            raw = await gateway.upstream.read(resp, backend.name)
-            data = backend.adapter.response(endpoint, raw)
-        except GatewayError as exc:
-            account.end(exc.status, None)
-            raise
-        data["model"] = route.public
-        account.end(200, data.get("usage"))
-        return Response(encode(data), media_type=JSON)
-    assert failure is not None
-    raise failure
+            resp = await gateway.upstream.send(backend.url, backend.adapter, upstream_request, backend=backend.name,
+                                               headers=_upstream_headers(backend, call.request_id))
+            break
+        except BackendUnavailable:
+            call.attempt_failed()
+            others = [b for b in backends if b.name != backend.name and b.ready]
+            if not others:
+                raise
+            backend = by_name[await lease.move([Slot(b.name, b.config.slots) for b in others])]
+            backends = others
+
+    if body.get("stream") and endpoint != "embeddings":
+        outcome = StreamOutcome()
+        chunks = relay_stream(resp, backend.adapter, endpoint, public_model=route.public,
+                              include_usage=wants_usage(body), backend=backend.name, outcome=outcome)
+        # The background task is a safety net: if the client leaves before the stream's first
+        # step runs, the generator never starts and its `finally` never runs.
+        return Stream(_settled_stream(chunks, call, outcome), media_type="text/event-stream",
+                      headers={**SSE_HEADERS, **headers}, background=BackgroundTask(call.abandon, resp))
+    raw = await gateway.upstream.read(resp, backend.name)
+    data = backend.adapter.response(endpoint, raw)
+    data["model"] = route.public
+    await call.finish(200, data.get("usage"))
+    return Response(encode(data), media_type=JSON, headers=headers)
 
 
-class Accounting:
-    """Everything recorded about one request once it reaches a backend: in-flight counts,
-    metrics, and the key's usage (on success and on failure alike)."""
-
-    __slots__ = ("gateway", "key_id", "model", "served", "endpoint", "started", "backend")
-
-    def __init__(self, gateway: Gateway, key_id: str, model: str, served: str, endpoint: Endpoint,
-                 started: float) -> None:
-        self.gateway, self.key_id, self.model, self.served = gateway, key_id, model, served
-        self.endpoint, self.started = endpoint, started
-        self.backend: Backend | None = None
-
-    def begin(self, backend: Backend) -> None:
-        self.backend = backend
-        backend.last_used = time.monotonic()
-        backend.inflight += 1
-        metrics.inflight.labels(backend.name).inc()
-
-    def end(self, status: int, usage: dict[str, Any] | None) -> None:
-        backend = self.backend
-        assert backend is not None
-        backend.last_used = time.monotonic()
-        backend.inflight -= 1
-        metrics.inflight.labels(backend.name).dec()
-        metrics.requests_total.labels(self.model, backend.name, self.endpoint, metrics.status_class(status)).inc()
-        metrics.request_duration.labels(self.model, self.endpoint).observe(time.perf_counter() - self.started)
-        prompt = int(usage.get("prompt_tokens") or 0) if usage else 0
-        completion = int(usage.get("completion_tokens") or 0) if usage else 0
-        if usage:
-            metrics.prompt_tokens.labels(self.model).inc(prompt)
-            metrics.completion_tokens.labels(self.model).inc(completion)
-        self.gateway.usage.add(self.key_id, self.served, prompt_tokens=prompt, completion_tokens=completion,
-                               error=status >= 400)
-        if self.gateway.config.metrics.key_labels:
-            metrics.key_requests.labels(self.key_id, self.model, metrics.status_class(status)).inc()
-            metrics.key_tokens.labels(self.key_id, "prompt").inc(prompt)
-            metrics.key_tokens.labels(self.key_id, "completion").inc(completion)
-
-
-async def _accounted(chunks: AsyncIterator[bytes], account: Accounting, outcome: StreamOutcome) -> AsyncIterator[bytes]:
+async def _settled_stream(chunks: AsyncIterator[bytes], call: Call, outcome: StreamOutcome) -> AsyncIterator[bytes]:
     try:
         async for piece in chunks:
             yield piece
@@ -121,29 +113,135 @@ async def _accounted(chunks: AsyncIterator[bytes], account: Accounting, outcome:
         # 499: the client went away before the end (nginx's convention).
         status = outcome.error.status if outcome.error else (200 if outcome.finished else 499)
         if outcome.first_chunk_at is not None:
-            metrics.time_to_first_token.labels(account.model).observe(outcome.first_chunk_at - account.started)
+            model = call.model
+            metrics.time_to_first_token.labels(model).observe(outcome.first_chunk_at - call.started)
             if outcome.chunks > 1:
                 gap = (time.perf_counter() - outcome.first_chunk_at) / (outcome.chunks - 1)
-                metrics.inter_token_latency.labels(account.model).observe(gap)
-        account.end(status, outcome.usage)
+                metrics.inter_token_latency.labels(model).observe(gap)
+        await call.finish(status, outcome.usage)
 
 
-def _forward_headers(backend: Backend) -> dict[str, str]:
-    key = backend.config.api_key
-    return {"authorization": f"Bearer {key}"} if key else {}
+class Call:
+    """The bookkeeping of one request: the backend it is on, and, once, at its end: metrics,
+    the key's usage, the real tokens settled with the limiter, and the lease released."""
+
+    __slots__ = ("gateway", "endpoint", "request_id", "started", "route", "key_id", "lease", "backend", "finished")
+
+    def __init__(self, gateway: Gateway, endpoint: Endpoint, request_id: str) -> None:
+        self.gateway, self.endpoint, self.request_id = gateway, endpoint, request_id
+        self.started = time.perf_counter()
+        self.route: Route | None = None
+        self.key_id = ""
+        self.lease: Lease | None = None
+        self.backend: Backend | None = None
+        self.finished = False
+
+    @property
+    def model(self) -> str:
+        return self.route.public if self.route else ""
+
+    def attempt(self, backend: Backend) -> None:
+        self.backend = backend
+        backend.last_used = time.monotonic()
+        backend.inflight += 1
+        metrics.inflight.labels(backend.name).inc()
+
+    def attempt_failed(self) -> None:
+        backend = self.backend
+        assert backend is not None
+        self._leave(backend)
+        metrics.requests_total.labels(self.model, backend.name, self.endpoint, "5xx").inc()
+        self.backend = None
+
+    def _leave(self, backend: Backend) -> None:
+        backend.last_used = time.monotonic()
+        backend.inflight -= 1
+        metrics.inflight.labels(backend.name).dec()
+
+    async def abandon(self, resp: Any) -> None:
+        if not self.finished:
+            resp.close()
+            await self.finish(499, None)
+
+    async def finish(self, status: int, usage: dict[str, Any] | None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        model, route = self.model, self.route
+        assert route is not None
+        backend_name = self.backend.name if self.backend else "none"
+        if self.backend is not None:
+            self._leave(self.backend)
+        status_class = metrics.status_class(status)
+        metrics.requests_total.labels(model, backend_name, self.endpoint, status_class).inc()
+        metrics.request_duration.labels(model, self.endpoint).observe(time.perf_counter() - self.started)
+        prompt = int(usage.get("prompt_tokens") or 0) if usage else 0
+        completion = int(usage.get("completion_tokens") or 0) if usage else 0
+        if usage:
+            metrics.prompt_tokens.labels(model).inc(prompt)
+            metrics.completion_tokens.labels(model).inc(completion)
+        self.gateway.usage.add(self.key_id, route.served, prompt_tokens=prompt, completion_tokens=completion,
+                               error=status >= 400)
+        if self.gateway.config.metrics.key_labels:
+            metrics.key_requests.labels(self.key_id, model, status_class).inc()
+            metrics.key_tokens.labels(self.key_id, "prompt").inc(prompt)
+            metrics.key_tokens.labels(self.key_id, "completion").inc(completion)
+        if self.lease is not None:
+            if usage:
+                await self.lease.settle(prompt + completion)
+            elif status >= 400:
+                await self.lease.settle(0)  # nothing was generated: the reservation comes back
+            await self.lease.release()
 
 
-@post("/v1/chat/completions")
+def _ticket(gateway: Gateway, principal: Principal, route: Route, backends: Sequence[Backend],
+            body: dict[str, Any], raw: bytes) -> Ticket:
+    # A cheap, conservative estimate: ~4 bytes of JSON per prompt token, plus the completion budget.
+    completion = body.get("max_completion_tokens") or body.get("max_tokens")
+    if "input" in body:  # embeddings generate nothing
+        completion = 0
+    elif not completion:
+        completion = gateway.config.limits.default_completion_tokens
+    cost = len(raw) // 4 + int(completion) * int(body.get("n") or 1)
+    return Ticket(
+        key_id=principal.key_id,
+        limits=Limits(principal.rpm, principal.tpm, principal.max_concurrency, principal.priority),
+        model=route.public,
+        backends=[Slot(b.name, b.config.slots) for b in backends],
+        cost=cost,
+        max_wait=gateway.config.queue.max_wait,
+    )
+
+
+async def _disconnect(request: Request[Any, Any, Any]) -> None:
+    """Returns when the client goes away (the body is already read, so nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _request_id(request: Request[Any, Any, Any]) -> str:
+    given = request.headers.get("x-request-id")
+    return given if given and _REQUEST_ID.match(given) else "req_" + uuid.uuid4().hex
+
+
+def _upstream_headers(backend: Backend, request_id: str) -> dict[str, str]:
+    headers = {"x-request-id": request_id}
+    if backend.config.api_key:
+        headers["authorization"] = f"Bearer {backend.config.api_key}"
+    return headers
+
+
+@post("/v1/chat/completions", status_code=200)
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
     return await _serve(request, "chat")
 
 
-@post("/v1/completions")
+@post("/v1/completions", status_code=200)
 async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
     return await _serve(request, "completions")
 
 
-@post("/v1/embeddings")
+@post("/v1/embeddings", status_code=200)
 async def embeddings(request: Request[Any, Any, Any]) -> Response[Any]:
     return await _serve(request, "embeddings")
 

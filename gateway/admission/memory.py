@@ -1,0 +1,307 @@
+"""Admission in one process: the embedded default, and a Redis replica's fallback for its share.
+
+All state lives on the event loop, so every decision is atomic without locks. Waiters are woken
+by the event that can admit them (a release, a refund, or a timer at the moment a rate window
+frees up), never by polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from gateway import metrics
+from gateway.admission.base import WINDOW, Admission, Disconnected, Lease, Slot, Ticket, Usage
+from gateway.errors import BackendUnavailable, ClientClosedRequest, RateLimited
+
+
+@dataclass(frozen=True)
+class _Scaled:
+    rpm: int | None
+    tpm: int | None
+    max_concurrency: int | None
+
+
+@dataclass
+class _Key:
+    requests: deque[float] = field(default_factory=deque)  # grant times within the window
+    tokens: deque[list[object]] = field(default_factory=deque)  # [time, lease id, amount]
+    token_sum: int = 0
+    running: int = 0
+    vtime: float = 0.0  # start-time fair queuing: service received, in token cost
+    queue: list[_Waiter] = field(default_factory=list)  # sorted by (-priority, arrival)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    ticket: Ticket
+    order: tuple[int, int]
+    future: asyncio.Future[MemoryLease]
+    enqueued: float
+    blocked: str = "capacity"  # what held it last: rpm, tpm, concurrency or capacity
+
+    def __lt__(self, other: _Waiter) -> bool:
+        return self.order < other.order
+
+
+class MemoryLease(Lease):
+    def __init__(self, owner: MemoryAdmission, key_id: str, lease_id: int, backend: str, usage: Usage,
+                 waited: float) -> None:
+        super().__init__(backend=backend, usage=usage, waited=waited)
+        self._owner, self._key_id, self._id = owner, key_id, lease_id
+        self._released = False
+
+    async def settle(self, tokens: int) -> None:
+        self._owner._settle(self._key_id, self._id, tokens)
+
+    async def move(self, backends: Sequence[Slot]) -> str:
+        self.backend = self._owner._move(self.backend, backends)
+        return self.backend
+
+    async def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._owner._release(self._key_id, self.backend)
+
+
+class MemoryAdmission(Admission):
+    mode = "memory"
+
+    def __init__(self, *, max_depth: int, clock: Callable[[], float] = time.monotonic,
+                 share: float = 1.0) -> None:
+        self._max_depth = max_depth
+        self._clock = clock
+        # A Redis replica in `local` fallback enforces its share of each limit (1 / replicas).
+        self._share = share
+        self._keys: dict[str, _Key] = defaultdict(_Key)
+        self._used: dict[str, int] = defaultdict(int)  # backend -> slots taken
+        self._waiting = 0
+        self._vnow = 0.0
+        self._ids = itertools.count(1)
+        self._timer: asyncio.TimerHandle | None = None
+
+    # --- the request's side ------------------------------------------------------------------
+
+    async def acquire(self, ticket: Ticket, disconnected: Disconnected | None = None) -> Lease:
+        limits = self._scaled(ticket)
+        if limits.tpm is not None and ticket.cost > limits.tpm:
+            metrics.rate_limited.labels(ticket.model, "too_large").inc()
+            raise RateLimited(
+                f"This request needs about {ticket.cost} tokens, more than the key's limit of {limits.tpm} "
+                "tokens per minute; lower max_tokens or ask for a higher limit.", retry_after=WINDOW)
+        now = self._clock()
+        key = self._keys[ticket.key_id]
+        if self._waiting == 0:  # nobody queued: the common, uncontended case
+            if self._blocked(key, ticket, now) is None and (backend := self._free_slot(ticket.backends)):
+                return self._grant(key, ticket, backend, now, waited=0.0)
+        if self._waiting >= self._max_depth or ticket.max_wait <= 0:
+            reason = "queue_full" if self._waiting >= self._max_depth else self._blocked(key, ticket, now) or "capacity"
+            raise self._refusal(ticket, key, reason, now)
+        waiter = _Waiter(ticket, (-ticket.limits.priority, next(self._ids)),
+                         asyncio.get_running_loop().create_future(), now)
+        if not key.queue:
+            key.vtime = max(key.vtime, self._vnow)  # a newly backlogged key starts at "now"
+        bisect.insort(key.queue, waiter)
+        self._waiting += 1
+        metrics.queue_depth.labels(ticket.model).inc()
+        admitted = False
+        try:
+            self._dispatch()
+            if not waiter.future.done():
+                await self._wait(waiter, disconnected)
+            lease = waiter.future.result()
+            metrics.queue_wait.labels(ticket.model, "admitted").observe(lease.waited)
+            admitted = True
+            return lease
+        except asyncio.TimeoutError:
+            metrics.queue_wait.labels(ticket.model, "timeout").observe(self._clock() - now)
+            raise self._refusal(ticket, key, waiter.blocked, self._clock(), timed_out=True) from None
+        finally:
+            if waiter in key.queue:
+                key.queue.remove(waiter)
+                self._waiting -= 1
+                metrics.queue_depth.labels(ticket.model).dec()
+            elif not admitted and waiter.future.done():
+                # Granted in the same instant the wait ended (timeout or a client that left):
+                # the slot goes back at once, never leaked.
+                await waiter.future.result().release()
+
+    async def _wait(self, waiter: _Waiter, disconnected: Disconnected | None) -> None:
+        wait = asyncio.shield(waiter.future)
+        if disconnected is None:
+            await asyncio.wait_for(wait, waiter.ticket.max_wait)
+            return
+        watcher = asyncio.ensure_future(disconnected())
+        try:
+            done, _ = await asyncio.wait({wait, watcher}, timeout=waiter.ticket.max_wait,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if watcher in done and not waiter.future.done():
+            raise ClientClosedRequest("The client disconnected while queued.")
+        if not done:
+            raise asyncio.TimeoutError
+
+    # --- decisions -----------------------------------------------------------------------------
+
+    def _scaled(self, ticket: Ticket) -> _Scaled:
+        limits = ticket.limits
+        if self._share >= 1.0:
+            return _Scaled(limits.rpm, limits.tpm, limits.max_concurrency)
+        return _Scaled(*(None if v is None else max(1, int(v * self._share))
+                         for v in (limits.rpm, limits.tpm, limits.max_concurrency)))
+
+    def _trim(self, key: _Key, now: float) -> None:
+        edge = now - WINDOW
+        while key.requests and key.requests[0] <= edge:
+            key.requests.popleft()
+        while key.tokens and key.tokens[0][0] <= edge:  # type: ignore[operator]
+            key.token_sum -= key.tokens.popleft()[2]  # type: ignore[operator]
+
+    def _blocked(self, key: _Key, ticket: Ticket, now: float) -> str | None:
+        """What stops this key from starting `ticket` now (None: nothing)."""
+        limits = self._scaled(ticket)
+        self._trim(key, now)
+        if limits.rpm is not None and len(key.requests) >= limits.rpm:
+            return "rpm"
+        if limits.tpm is not None and key.token_sum + ticket.cost > limits.tpm:
+            return "tpm"
+        if limits.max_concurrency is not None and key.running >= limits.max_concurrency:
+            return "concurrency"
+        return None
+
+    def _free_slot(self, backends: Sequence[Slot]) -> str | None:
+        best, best_load = None, 1.0
+        for slot in backends:
+            load = self._used[slot.backend] / slot.slots
+            if load < best_load:
+                best, best_load = slot.backend, load
+        return best
+
+    def _grant(self, key: _Key, ticket: Ticket, backend: str, now: float, waited: float) -> MemoryLease:
+        lease_id = next(self._ids)
+        key.requests.append(now)
+        key.tokens.append([now, lease_id, ticket.cost])
+        key.token_sum += ticket.cost
+        key.running += 1
+        self._used[backend] += 1
+        start = max(key.vtime, self._vnow)
+        self._vnow = start
+        key.vtime = start + max(ticket.cost, 1)
+        return MemoryLease(self, ticket.key_id, lease_id, backend, self._usage(key, ticket, now), waited)
+
+    def _dispatch(self) -> None:
+        """Grant every waiter that can run now, fairest first; then set a timer for the moment
+        a rate window will let the next one in."""
+        now = self._clock()
+        while True:
+            granted = False
+            for key_id, key in sorted(((k, s) for k, s in self._keys.items() if s.queue), key=lambda ks: ks[1].vtime):
+                for waiter in key.queue:
+                    reason = self._blocked(key, waiter.ticket, now)
+                    if reason is not None:
+                        waiter.blocked = reason
+                        break  # the key's own limit holds every one of its requests
+                    backend = self._free_slot(waiter.ticket.backends)
+                    if backend is None:
+                        waiter.blocked = "capacity"
+                        continue  # another of its requests may be for a backend with room
+                    key.queue.remove(waiter)
+                    self._waiting -= 1
+                    metrics.queue_depth.labels(waiter.ticket.model).dec()
+                    waiter.future.set_result(self._grant(key, waiter.ticket, backend, now, now - waiter.enqueued))
+                    granted = True
+                    break
+                if granted:
+                    break
+            if not granted:
+                break
+        self._arm_timer(now)
+
+    def _arm_timer(self, now: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        wake = [self._keys[w.ticket.key_id] for key in self._keys.values() for w in key.queue[:1]
+                if w.blocked in ("rpm", "tpm")]
+        times = [k.requests[0] + WINDOW for k in wake if k.requests]
+        times += [k.tokens[0][0] + WINDOW for k in wake if k.tokens]  # type: ignore[operator]
+        if times:
+            delay = max(0.0, min(times) - now) + 0.001  # type: ignore[type-var]
+            self._timer = asyncio.get_running_loop().call_later(delay, self._dispatch)
+
+    def _usage(self, key: _Key, ticket: Ticket, now: float) -> Usage:
+        limits = self._scaled(ticket)
+        usage = Usage(rpm=limits.rpm, tpm=limits.tpm)
+        if limits.rpm is not None:
+            usage.rpm_remaining = limits.rpm - len(key.requests)
+            usage.rpm_reset = key.requests[0] + WINDOW - now if key.requests else 0.0
+        if limits.tpm is not None:
+            usage.tpm_remaining = limits.tpm - key.token_sum
+            usage.tpm_reset = key.tokens[0][0] + WINDOW - now if key.tokens else 0.0  # type: ignore[operator]
+        return usage
+
+    def _retry_after(self, key: _Key, ticket: Ticket, reason: str, now: float) -> float:
+        """The real time until this request could pass its rate limit."""
+        limits = self._scaled(ticket)
+        if reason == "rpm" and limits.rpm is not None and len(key.requests) >= limits.rpm:
+            return key.requests[len(key.requests) - limits.rpm] + WINDOW - now
+        if reason == "tpm" and limits.tpm is not None:
+            excess = key.token_sum + ticket.cost - limits.tpm
+            for at, _, amount in key.tokens:
+                excess -= amount  # type: ignore[operator]
+                if excess <= 0:
+                    return at + WINDOW - now  # type: ignore[operator]
+        return 1.0
+
+    def _refusal(self, ticket: Ticket, key: _Key, reason: str, now: float, timed_out: bool = False) -> Exception:
+        if reason == "capacity":
+            metrics.rate_limited.labels(ticket.model, "capacity").inc()
+            return BackendUnavailable(
+                f"Every backend for `{ticket.model}` is busy and the request waited its limit; try again shortly.",
+                headers={"retry-after": "1"})
+        label = "queue_timeout" if timed_out else reason
+        metrics.rate_limited.labels(ticket.model, label).inc()
+        usage = self._usage(key, ticket, now)
+        message = {
+            "queue_full": "The gateway's queue is full; try again shortly.",
+            "rpm": f"Rate limit reached: {usage.rpm} requests per minute for this key.",
+            "tpm": f"Rate limit reached: {usage.tpm} tokens per minute for this key.",
+            "concurrency": "Too many requests in flight for this key.",
+        }.get(reason, "Rate limit reached.")
+        if timed_out:
+            message += f" The request waited {ticket.max_wait:g}s in the queue."
+        return RateLimited(message, retry_after=self._retry_after(key, ticket, reason, now), headers=usage.headers())
+
+    # --- the lease's side ------------------------------------------------------------------
+
+    def _release(self, key_id: str, backend: str) -> None:
+        self._keys[key_id].running -= 1
+        self._used[backend] -= 1
+        self._dispatch()
+
+    def _settle(self, key_id: str, lease_id: int, tokens: int) -> None:
+        key = self._keys[key_id]
+        for entry in reversed(key.tokens):
+            if entry[1] == lease_id:
+                key.token_sum += tokens - entry[2]  # type: ignore[operator]
+                entry[2] = tokens
+                break
+        self._dispatch()
+
+    def _move(self, current: str, backends: Sequence[Slot]) -> str:
+        self._used[current] -= 1
+        backend = self._free_slot([b for b in backends if b.backend != current])
+        if backend is None:
+            self._used[current] += 1  # keep the slot until the lease is released
+            raise BackendUnavailable("No other backend has a free slot for this request.")
+        self._used[backend] += 1
+        self._dispatch()
+        return backend
+
+
