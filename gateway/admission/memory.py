@@ -73,8 +73,9 @@ class MemoryAdmission(Admission):
     mode = "memory"
 
     def __init__(self, *, max_depth: int, clock: Callable[[], float] = time.monotonic,
-                 share: float = 1.0) -> None:
+                 share: float = 1.0, window: float = WINDOW) -> None:
         self._max_depth = max_depth
+        self._window = window
         self._clock = clock
         # A Redis replica in `local` fallback enforces its share of each limit (1 / replicas).
         self._share = share
@@ -93,7 +94,7 @@ class MemoryAdmission(Admission):
             metrics.rate_limited.labels(ticket.model, "too_large").inc()
             raise RateLimited(
                 f"This request needs about {ticket.cost} tokens, more than the key's limit of {limits.tpm} "
-                "tokens per minute; lower max_tokens or ask for a higher limit.", retry_after=WINDOW)
+                "tokens per minute; lower max_tokens or ask for a higher limit.", retry_after=self._window)
         now = self._clock()
         key = self._keys[ticket.key_id]
         if self._waiting == 0:  # nobody queued: the common, uncontended case
@@ -157,7 +158,7 @@ class MemoryAdmission(Admission):
                          for v in (limits.rpm, limits.tpm, limits.max_concurrency)))
 
     def _trim(self, key: _Key, now: float) -> None:
-        edge = now - WINDOW
+        edge = now - self._window
         while key.requests and key.requests[0] <= edge:
             key.requests.popleft()
         while key.tokens and key.tokens[0][0] <= edge:  # type: ignore[operator]
@@ -229,8 +230,8 @@ class MemoryAdmission(Admission):
             self._timer = None
         wake = [self._keys[w.ticket.key_id] for key in self._keys.values() for w in key.queue[:1]
                 if w.blocked in ("rpm", "tpm")]
-        times = [k.requests[0] + WINDOW for k in wake if k.requests]
-        times += [k.tokens[0][0] + WINDOW for k in wake if k.tokens]  # type: ignore[operator]
+        times = [k.requests[0] + self._window for k in wake if k.requests]
+        times += [k.tokens[0][0] + self._window for k in wake if k.tokens]  # type: ignore[operator]
         if times:
             delay = max(0.0, min(times) - now) + 0.001  # type: ignore[type-var]
             self._timer = asyncio.get_running_loop().call_later(delay, self._dispatch)
@@ -240,23 +241,23 @@ class MemoryAdmission(Admission):
         usage = Usage(rpm=limits.rpm, tpm=limits.tpm)
         if limits.rpm is not None:
             usage.rpm_remaining = limits.rpm - len(key.requests)
-            usage.rpm_reset = key.requests[0] + WINDOW - now if key.requests else 0.0
+            usage.rpm_reset = key.requests[0] + self._window - now if key.requests else 0.0
         if limits.tpm is not None:
             usage.tpm_remaining = limits.tpm - key.token_sum
-            usage.tpm_reset = key.tokens[0][0] + WINDOW - now if key.tokens else 0.0  # type: ignore[operator]
+            usage.tpm_reset = key.tokens[0][0] + self._window - now if key.tokens else 0.0  # type: ignore[operator]
         return usage
 
     def _retry_after(self, key: _Key, ticket: Ticket, reason: str, now: float) -> float:
         """The real time until this request could pass its rate limit."""
         limits = self._scaled(ticket)
         if reason == "rpm" and limits.rpm is not None and len(key.requests) >= limits.rpm:
-            return key.requests[len(key.requests) - limits.rpm] + WINDOW - now
+            return key.requests[len(key.requests) - limits.rpm] + self._window - now
         if reason == "tpm" and limits.tpm is not None:
             excess = key.token_sum + ticket.cost - limits.tpm
             for at, _, amount in key.tokens:
                 excess -= amount  # type: ignore[operator]
                 if excess <= 0:
-                    return at + WINDOW - now  # type: ignore[operator]
+                    return at + self._window - now  # type: ignore[operator]
         return 1.0
 
     def _refusal(self, ticket: Ticket, key: _Key, reason: str, now: float, timed_out: bool = False) -> Exception:

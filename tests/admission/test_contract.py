@@ -1,0 +1,267 @@
+"""One admission contract, run against every implementation (in-process memory, and Redis).
+
+Windows are shortened to WINDOW seconds so rate behaviour is observable without minute-long tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from gateway.admission import Admission, Lease, Limits, MemoryAdmission, Slot, Ticket
+from gateway.errors import BackendUnavailable, ClientClosedRequest, RateLimited
+
+WINDOW = 1.5
+MakeAdmission = Callable[..., Awaitable[Admission]]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_admission(request: pytest.FixtureRequest) -> AsyncIterator[MakeAdmission]:
+    made: list[Admission] = []
+
+    async def make(max_depth: int = 1000) -> Admission:
+        if request.param == "memory":
+            admission: Admission = MemoryAdmission(max_depth=max_depth, window=WINDOW)
+        else:
+            import redis.asyncio as aioredis
+
+            from gateway.admission.redis import RedisAdmission
+
+            client = aioredis.Redis.from_url(request.getfixturevalue("redis_url"))
+            admission = RedisAdmission(client, max_depth=max_depth, window=WINDOW, lease_ttl=5.0)
+        await admission.start()
+        made.append(admission)
+        return admission
+
+    yield make
+    for admission in made:
+        await admission.stop()
+
+
+def ticket(key: str = "k1", *, backends: tuple[tuple[str, int], ...] = (("b1", 4),), cost: int = 10,
+           max_wait: float = 5.0, **limits: int) -> Ticket:
+    return Ticket(key_id=key, limits=Limits(**limits), model="m", backends=[Slot(b, n) for b, n in backends],
+                  cost=cost, max_wait=max_wait)
+
+
+async def test_grants_at_once_when_free_and_release_frees(make_admission: MakeAdmission) -> None:
+    admission = await make_admission()
+    lease = await admission.acquire(ticket(backends=(("b1", 1),)))
+    assert lease.backend == "b1" and lease.waited == 0.0
+    with pytest.raises(BackendUnavailable):
+        await admission.acquire(ticket(backends=(("b1", 1),), max_wait=0.2))
+    await lease.release()
+    again = await admission.acquire(ticket(backends=(("b1", 1),), max_wait=0.2))
+    await again.release()
+
+
+async def test_least_loaded_backend_is_chosen(make_admission: MakeAdmission) -> None:
+    admission = await make_admission()
+    backends = (("big", 4), ("small", 1))
+    leases = [await admission.acquire(ticket(backends=backends)) for _ in range(5)]
+    assert sorted(lease.backend for lease in leases) == ["big"] * 4 + ["small"]
+    for lease in leases:
+        await lease.release()
+
+
+async def test_slots_are_never_exceeded(make_admission: MakeAdmission) -> None:
+    admission = await make_admission()
+    running, peak = 0, 0
+
+    async def one(i: int) -> None:
+        nonlocal running, peak
+        lease = await admission.acquire(ticket(f"k{i % 5}", backends=(("b1", 3),), max_wait=20))
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01)
+        running -= 1
+        await lease.release()
+
+    await asyncio.gather(*(one(i) for i in range(60)))
+    assert peak == 3
+
+
+async def test_rpm_allows_a_burst_then_holds_the_window(make_admission: MakeAdmission) -> None:
+    admission = await make_admission()
+    started = time.monotonic()
+    for _ in range(3):
+        await (await admission.acquire(ticket(rpm=3))).release()
+    assert time.monotonic() - started < 0.5  # a fresh key spends its allowance at once
+    fourth = await admission.acquire(ticket(rpm=3, max_wait=5))
+    assert time.monotonic() - started >= WINDOW * 0.9  # not before the first request left the window
+    # the burst left the window together, so only this request counts now
+    assert fourth.usage.rpm == 3 and fourth.usage.rpm_remaining == 2
+    await fourth.release()
+
+
+async def test_rate_limited_refusal_tells_the_real_wait(make_admission: MakeAdmission) -> None:
+    admission = await make_admission()
+    await (await admission.acquire(ticket(rpm=1))).release()
+    with pytest.raises(RateLimited) as info:
+        await admission.acquire(ticket(rpm=1, max_wait=0.2))
+    assert 0.2 < info.value.retry_after <= WINDOW
+    assert info.value.headers["x-ratelimit-limit-requests"] == "1"
+    assert info.value.headers["x-ratelimit-remaining-requests"] == "0"
+    assert int(info.value.headers["retry-after-ms"]) <= WINDOW * 1000
+
+
+async def test_tpm_reserves_then_settles_both_ways(make_admission: MakeAdmission) -> None:
+    admission = await make_admission()
+    first = await admission.acquire(ticket(cost=80, tpm=100))
+    with pytest.raises(RateLimited):  # 80 reserved + 30 > 100
+        await admission.acquire(ticket(cost=30, tpm=100, max_wait=0.1))
+    await first.settle(20)  # refund: it used less than reserved
+    second = await admission.acquire(ticket(cost=30, tpm=100, max_wait=0.1))
+    await second.settle(70)  # debt: it used more than reserved (20 + 70 = 90 now)
+    with pytest.raises(RateLimited):
+        await admission.acquire(ticket(cost=20, tpm=100, max_wait=0.1))
+    await first.release()
+    await second.release()
+
+
+async def test_request_larger_than_tpm_is_refused_at_once(make_admission: MakeAdmission) -> None:
+    admission = await make_admission()
+    started = time.monotonic()
+    with pytest.raises(RateLimited) as info:
+        await admission.acquire(ticket(cost=500, tpm=100, max_wait=5))
+    assert time.monotonic() - started < 1.0
+    assert "500" in info.value.message
+
+
+async def test_max_concurrency(make_admission: MakeAdmission) -> None:
+    admission = await make_admission()
+    a = await admission.acquire(ticket(max_concurrency=1))
+    with pytest.raises(RateLimited):
+        await admission.acquire(ticket(max_concurrency=1, max_wait=0.1))
+    other_key = await admission.acquire(ticket("k2", max_concurrency=1, max_wait=0.1))
+    await a.release()
+    b = await admission.acquire(ticket(max_concurrency=1, max_wait=0.5))
+    for lease in (other_key, b):
+        await lease.release()
+
+
+async def test_queue_depth_is_bounded(make_admission: MakeAdmission) -> None:
+    admission = await make_admission(max_depth=2)
+    holder = await admission.acquire(ticket(backends=(("b1", 1),)))
+    waiting = [asyncio.create_task(admission.acquire(ticket(backends=(("b1", 1),), max_wait=5))) for _ in range(2)]
+    await asyncio.sleep(0.2)
+    with pytest.raises(RateLimited) as info:
+        await admission.acquire(ticket(backends=(("b1", 1),), max_wait=5))
+    assert "queue is full" in info.value.message
+    await holder.release()
+    for task in waiting:
+        await (await asyncio.wait_for(task, 5)).release()
+
+
+async def test_waiting_past_max_wait_for_capacity_is_503(make_admission: MakeAdmission) -> None:
+    admission = await make_admission()
+    holder = await admission.acquire(ticket(backends=(("b1", 1),)))
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable):
+        await admission.acquire(ticket(backends=(("b1", 1),), max_wait=0.5))
+    assert 0.4 < time.monotonic() - started < 2.0
+    await holder.release()
+
+
+async def test_priority_orders_a_keys_own_requests(make_admission: MakeAdmission) -> None:
+    admission = await make_admission()
+    holder = await admission.acquire(ticket(backends=(("b1", 1),)))
+    order: list[int] = []
+
+    async def one(priority: int) -> None:
+        lease = await admission.acquire(ticket(backends=(("b1", 1),), priority=priority, max_wait=5))
+        order.append(priority)
+        await lease.release()
+
+    tasks = []
+    for priority in (0, 5, 1):
+        tasks.append(asyncio.create_task(one(priority)))
+        await asyncio.sleep(0.05)  # arrival order 0, 5, 1
+    await holder.release()
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert order == [5, 1, 0]
+
+
+async def test_a_rate_limited_key_does_not_block_others(make_admission: MakeAdmission) -> None:
+    admission = await make_admission()
+    await (await admission.acquire(ticket("slow", rpm=1))).release()
+    blocked = asyncio.create_task(admission.acquire(ticket("slow", rpm=1, max_wait=5)))
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    other = await admission.acquire(ticket("fast", max_wait=5))
+    assert time.monotonic() - started < 0.5
+    await other.release()
+    await (await asyncio.wait_for(blocked, 5)).release()
+
+
+async def test_light_key_is_not_stuck_behind_a_backlog(make_admission: MakeAdmission) -> None:
+    """Start-time fair queuing: 200 queued requests of one key, then 20 of another."""
+    admission = await make_admission()
+    service = 0.005
+    light_waits: list[float] = []
+
+    async def run(key: str, record: list[float] | None) -> None:
+        asked = time.monotonic()
+        lease = await admission.acquire(ticket(key, backends=(("b1", 1),), max_wait=60))
+        if record is not None:
+            record.append(time.monotonic() - asked)
+        await asyncio.sleep(service)
+        await lease.release()
+
+    heavy = [asyncio.create_task(run("heavy", None)) for _ in range(200)]
+    await asyncio.sleep(0.2)
+    light = [asyncio.create_task(run("light", light_waits)) for _ in range(20)]
+    await asyncio.wait_for(asyncio.gather(*light), 30)
+    # Behind the backlog it would wait ~200 service times; fair queuing interleaves: the light key's
+    # n-th request waits about 2n service times. Its worst wait stays far below the backlog.
+    assert max(light_waits) < 200 * service * 0.5, light_waits
+    await asyncio.wait_for(asyncio.gather(*heavy), 60)
+
+
+async def test_disconnect_while_queued_leaves_no_slot_behind(make_admission: MakeAdmission) -> None:
+    admission = await make_admission()
+    holder = await admission.acquire(ticket(backends=(("b1", 1),)))
+    gone = asyncio.Event()
+    waiter = asyncio.create_task(admission.acquire(ticket(backends=(("b1", 1),), max_wait=5), gone.wait))
+    await asyncio.sleep(0.1)
+    gone.set()
+    with pytest.raises(ClientClosedRequest):
+        await asyncio.wait_for(waiter, 5)
+    await holder.release()
+    lease = await admission.acquire(ticket(backends=(("b1", 1),), max_wait=0.5))
+    await lease.release()
+
+
+async def test_cancel_racing_a_grant_leaks_nothing(make_admission: MakeAdmission) -> None:
+    admission = await make_admission()
+    for _ in range(30):
+        holder = await admission.acquire(ticket(backends=(("b1", 1),)))
+        waiter = asyncio.create_task(admission.acquire(ticket(backends=(("b1", 1),), max_wait=5)))
+        await asyncio.sleep(0.01)
+        await holder.release()  # grants the waiter ...
+        waiter.cancel()  # ... while it is being cancelled
+        try:
+            lease = await waiter
+            await lease.release()
+        except asyncio.CancelledError:
+            pass
+    final = await admission.acquire(ticket(backends=(("b1", 1),), max_wait=1))
+    await final.release()
+
+
+async def test_move_takes_a_slot_on_another_backend(make_admission: MakeAdmission) -> None:
+    admission = await make_admission()
+    backends = (("a", 1), ("b", 1))
+    lease: Lease = await admission.acquire(ticket(backends=backends))
+    first = lease.backend
+    other = "b" if first == "a" else "a"
+    assert await lease.move([Slot(other, 1)]) == other
+    # the first backend's slot is free again, the other's is taken
+    on_first = await admission.acquire(ticket(backends=((first, 1),), max_wait=0.2))
+    with pytest.raises(BackendUnavailable):
+        await admission.acquire(ticket(backends=((other, 1),), max_wait=0.2))
+    await on_first.release()
+    await lease.release()
