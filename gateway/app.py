@@ -12,6 +12,7 @@ from typing import Any
 from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
 
+from gateway import metrics
 from gateway.admission import open_admission
 from gateway.api import admin_backends, admin_keys, health, v1
 from gateway.auth import KeyCache
@@ -47,6 +48,8 @@ class Gateway:
         self.admission = open_admission(config, self.redis)
         self.supervisor = Supervisor(config)
         self.models = ModelTable(self.supervisor.backends.values(), config.models.aliases)
+        for backend in config.backends:
+            metrics.backend_slots.labels(backend.name).set(backend.slots)
         self.upstream = Upstream(connect_timeout=config.server.connect_timeout,
                                  request_timeout=config.server.request_timeout)
 
@@ -78,10 +81,16 @@ def _redis_client(url: str):  # type: ignore[no-untyped-def]
     return redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=15)
 
 
+_REJECTIONS = {401: "auth", 400: "invalid", 404: "model_not_found", 413: "too_large", 503: "unavailable"}
+
+
 def _render(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     error = _as_gateway_error(exc)
     if isinstance(error, InternalError):
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    if ((reason := _REJECTIONS.get(error.status)) and request.url.path.startswith("/v1/")
+            and not isinstance(error, UpstreamError)):
+        metrics.rejected.labels(reason).inc()
     return Response(error.encode(), status_code=error.status, media_type="application/json",
                     headers=error.headers)
 

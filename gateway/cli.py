@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import logging
 import os
 import sys
 
+from gateway import keys_cli, logsetup
 from gateway.config import Config, ConfigError, load
 
 EXIT_CONFIG = 2
@@ -38,7 +38,7 @@ def serve(args: argparse.Namespace) -> None:
               "  Set auth.allow_public_without_keys: true to serve every client on the network without keys.",
               file=sys.stderr)
         raise SystemExit(EXIT_CONFIG)
-    logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_config = logsetup.configure(server.log_level, server.log_format)
     config.data_dir.mkdir(parents=True, exist_ok=True)
 
     import uvicorn
@@ -52,6 +52,8 @@ def serve(args: argparse.Namespace) -> None:
         loop="uvloop",
         http="httptools",
         log_level=server.log_level,
+        log_config=log_config,
+        # Per-request lines come from the gateway itself (with request id, key id, backend).
         access_log=False,
         # The lifespan stops every backend; give it their grace periods to do so.
         timeout_graceful_shutdown=max(b.stop_timeout for b in config.backends) + 5,
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     p_check = sub.add_parser("check", help="validate a config and print what it resolves to")
     p_check.add_argument("--config", help="config file (or GATEWAY_CONFIG)")
     p_check.set_defaults(func=check)
+
+    keys_cli.add_parser(sub)
 
     args = parser.parse_args(argv)
     args.func(args)

@@ -10,6 +10,7 @@ another ready backend of the same model; after the first byte nothing is retried
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import uuid
@@ -31,6 +32,8 @@ from gateway.upstream import StreamOutcome, relay_stream
 if TYPE_CHECKING:
     from gateway.app import Gateway
     from gateway.supervisor.supervisor import Backend
+
+log = logging.getLogger("gateway.request")
 
 JSON = "application/json"
 SSE_HEADERS = {
@@ -182,6 +185,12 @@ class Call:
             metrics.completion_tokens.labels(model).inc(completion)
         self.gateway.usage.add(self.key_id, route.served, prompt_tokens=prompt, completion_tokens=completion,
                                error=status >= 400)
+        if status >= 500 or log.isEnabledFor(logging.DEBUG):
+            log.log(logging.WARNING if status >= 500 else logging.DEBUG, "request finished", extra={
+                "request_id": self.request_id, "key_id": self.key_id, "model": model, "backend": backend_name,
+                "endpoint": self.endpoint, "status": status, "prompt_tokens": prompt,
+                "completion_tokens": completion, "duration_ms": round((time.perf_counter() - self.started) * 1000, 1),
+            })
         if self.gateway.config.metrics.key_labels:
             metrics.key_requests.labels(self.key_id, model, status_class).inc()
             metrics.key_tokens.labels(self.key_id, "prompt").inc(prompt)
