@@ -39,13 +39,19 @@ bench-deps:
 	@command -v wrk >/dev/null && command -v hey >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk hey)
 
+# The benchmark against direct and LiteLLM Proxy (bench/README.md); not part of `make test`.
+# About 10 minutes; the first run also installs LiteLLM into bench/.litellm-venv. BENCH_ARGS
+# passes options, e.g. `make bench BENCH_ARGS="--profile"` or `BENCH_ARGS="--quick"`.
+bench: install system-deps bench-deps
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+# The admin key for this run (kept in the environment, never on a command line); set your own to reuse keys.
+GATEWAY_ADMIN_KEY ?= $(shell $(PYTHON) -c 'import secrets; print("adm-" + secrets.token_urlsafe(24))')
+export GATEWAY_ADMIN_KEY
+
 run: install
 	@$(PY) -m gateway check --config $(CONFIG) >/dev/null
-	@( for i in $$(seq 1 600); do \
-	     if $(PY) -c 'import sys, urllib.request; urllib.request.urlopen("http://127.0.0.1:$(PORT)/ready", timeout=1)' 2>/dev/null; then \
-	       echo; echo "Gateway ready at http://127.0.0.1:$(PORT)/v1  (Ctrl-C stops it and its backends). Try:"; echo; \
-	       echo "  curl http://127.0.0.1:$(PORT)/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\":\"gemma3-270m\",\"messages\":[{\"role\":\"user\",\"content\":\"Write a haiku about GPUs.\"}],\"max_tokens\":64}'"; \
-	       echo; exit 0; fi; sleep 0.5; done ) &
+	@$(PY) -m gateway.quickstart --url http://127.0.0.1:$(PORT) --model gemma3-270m &
 	$(PY) -m gateway serve --config $(CONFIG) --port $(PORT)
 
 test: install system-deps

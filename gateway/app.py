@@ -26,7 +26,8 @@ from gateway.errors import (
     NotFound,
     UpstreamError,
 )
-from gateway.routing import ModelTable
+from gateway.loadwatch import LoadWatch
+from gateway.routing import Cooldowns, ModelTable
 from gateway.store import open_store
 from gateway.supervisor import Supervisor
 from gateway.upstream import Upstream
@@ -48,6 +49,10 @@ class Gateway:
         self.admission = open_admission(config, self.redis)
         self.supervisor = Supervisor(config)
         self.models = ModelTable(self.supervisor.backends.values(), config.models.aliases)
+        routing = config.routing
+        self.cooldowns = Cooldowns(routing.cooldown_failures, routing.cooldown_window, routing.cooldown)
+        self.loads = LoadWatch(self.supervisor.backends.values(), routing.load_interval)
+        self.affinity_header = routing.affinity_header.lower() if routing.affinity_header else None
         for backend in config.backends:
             metrics.backend_slots.labels(backend.name).set(backend.slots)
         self.upstream = Upstream(connect_timeout=config.server.connect_timeout,
@@ -71,6 +76,8 @@ class Gateway:
             stack.push_async_callback(self.admission.stop)
             await self.supervisor.start()
             stack.push_async_callback(self.supervisor.stop)
+            await self.loads.start()
+            stack.push_async_callback(self.loads.stop)
             yield
 
 

@@ -142,9 +142,31 @@ class MetricsConfig(_Section):
     key_labels: bool = False
 
 
+class ModelOverride(_Section):
+    max_body: Bytes | None = None
+    request_timeout: Seconds | None = None
+    # Sampling parameters injected when the client gives none (e.g. temperature: 0.7).
+    defaults: dict[str, Any] = {}
+
+
 class ModelsConfig(_Section):
     # public alias -> served model name
     aliases: dict[Name, Name] = {}
+    # Per served model: overrides of the server's defaults.
+    overrides: dict[Name, ModelOverride] = {}
+
+
+class RoutingConfig(_Section):
+    # Tries per request across a model's backends when one fails before the first byte.
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    # A backend failing `cooldown_failures` times within `cooldown_window` sits out `cooldown`.
+    cooldown_failures: int = Field(default=3, ge=1)
+    cooldown_window: Seconds = 60.0
+    cooldown: Seconds = 30.0
+    # Requests with the same value of this header go to the same backend of a group (prompt cache).
+    affinity_header: str | None = "x-session-id"
+    # How often each backend's own load report (llama.cpp /slots, vLLM /metrics) is read.
+    load_interval: Seconds = 2.0
 
 
 class BackendConfig(_Section):
@@ -169,6 +191,8 @@ class BackendConfig(_Section):
     api_key: str | None = None
     startup_timeout: Seconds = 120.0
     stop_timeout: Seconds = 10.0
+    # Share of a model group's traffic relative to its peers (with equal load).
+    weight: float = Field(default=1.0, gt=0)
     # GPU selection for a managed process (CUDA_VISIBLE_DEVICES), e.g. "0" or "0,1".
     gpus: str | None = None
     # eager: started with the gateway. on_demand: started by the first request for it, and
@@ -198,6 +222,7 @@ class Config(_Section):
     store: StoreConfig = StoreConfig()
     backends: list[BackendConfig] = Field(min_length=1)
     models: ModelsConfig = ModelsConfig()
+    routing: RoutingConfig = RoutingConfig()
     limits: LimitsConfig = LimitsConfig()
     queue: QueueConfig = QueueConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -294,6 +319,11 @@ def _check_semantics(config: Config) -> list[str]:
         if not names and backend.url is not None:
             problems.append(f"{at}.serves: required for an attached backend (the model names it answers)")
         served.update(names)
+    for name, override in config.models.overrides.items():
+        if name not in served:
+            problems.append(f"models.overrides.{name}: not a served model name")
+        if override.max_body is not None and override.max_body > config.server.max_body:
+            problems.append(f"models.overrides.{name}.max_body: larger than server.max_body, which bounds every body")
     for alias, target in config.models.aliases.items():
         if alias in served:
             problems.append(f"models.aliases.{alias}: already a served model name")

@@ -1,11 +1,22 @@
-"""Model name -> the backends that may answer it, best first. Pure: no I/O, no clocks."""
+"""Model name -> the backends that may answer it, best first. No I/O: load reports and the
+clock come in as arguments, so every rule here is tested without processes.
+
+Best first means: ready and not cooling down; then least loaded, where load is the gateway's own
+in-flight count plus what the runtime says is waiting, against `slots * weight`. A request that
+carries the affinity header goes first to the backend the header hashes to (rendezvous hashing,
+so one conversation keeps one backend's prompt cache while the group does not change).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import hashlib
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from adapters.base import Load
 from gateway.errors import BackendUnavailable, ModelNotFound
 
 
@@ -17,13 +28,10 @@ class Routable(Protocol):
     def ready(self) -> bool: ...
 
     @property
-    def reason(self) -> str: ...
-
-    @property
     def state(self): ...  # noqa: ANN201 - a supervisor State; only its `.value` is read here
 
     @property
-    def config(self): ...  # noqa: ANN201 - BackendConfig: `serves`, `slots`, `runtime`
+    def config(self): ...  # noqa: ANN201 - BackendConfig: `serves`, `slots`, `weight`, `runtime`
 
 
 @dataclass(frozen=True)
@@ -55,12 +63,68 @@ class ModelTable:
         return out
 
 
-def choose(route: Route) -> list[Routable]:
-    """Ready backends, least loaded first (in-flight requests against slots)."""
+class Cooldowns:
+    """Backends that failed `failures` times within `window` sit out `cooldown` seconds."""
+
+    def __init__(self, failures: int, window: float, cooldown: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._failures, self._window, self._cooldown, self._clock = failures, window, cooldown, clock
+        self._recent: dict[str, deque[float]] = {}
+        self._until: dict[str, float] = {}
+
+    def failed(self, backend: str) -> None:
+        now = self._clock()
+        recent = self._recent.setdefault(backend, deque())
+        recent.append(now)
+        while recent and recent[0] <= now - self._window:
+            recent.popleft()
+        if len(recent) >= self._failures:
+            self._until[backend] = now + self._cooldown
+            recent.clear()
+
+    def succeeded(self, backend: str) -> None:
+        self._recent.pop(backend, None)
+
+    def cooling(self, backend: str) -> bool:
+        until = self._until.get(backend)
+        if until is None:
+            return False
+        if self._clock() >= until:
+            del self._until[backend]
+            return False
+        return True
+
+
+def choose(route: Route, *, cooldowns: Cooldowns | None = None, loads: Mapping[str, Load] | None = None,
+           affinity: str | None = None) -> list[Routable]:
+    """Ready backends, best first; BackendUnavailable when none is ready."""
     ready = [b for b in route.backends if b.ready]
     if not ready:
         raise BackendUnavailable(_why_unavailable(route.public, route.backends))
-    return sorted(ready, key=lambda b: b.inflight / b.config.slots)
+    if cooldowns is not None:
+        # Cooling backends leave the choice while a peer can serve; alone, they are still tried.
+        warm = [b for b in ready if not cooldowns.cooling(b.name)]
+        ready = warm or ready
+    if len(ready) == 1:
+        return ready
+    loads = loads or {}
+
+    def load(backend: Routable) -> float:
+        reported = loads.get(backend.name)
+        waiting = reported.waiting or 0.0 if reported else 0.0
+        return (backend.inflight + waiting) / (backend.config.slots * backend.config.weight)
+
+    ordered = sorted(ready, key=load)
+    if affinity:
+        sticky = max(ready, key=lambda b: _rendezvous(affinity, b.name, b.config.weight))
+        ordered.remove(sticky)
+        ordered.insert(0, sticky)
+    return ordered
+
+
+def _rendezvous(key: str, backend: str, weight: float) -> float:
+    digest = hashlib.blake2b(f"{key}\0{backend}".encode(), digest_size=8).digest()
+    return weight * int.from_bytes(digest, "big")
 
 
 def _why_unavailable(model: str, backends: Sequence[Routable]) -> str:

@@ -43,7 +43,7 @@ class Upstream:
             await self._session.close()
 
     async def send(self, base_url: str, adapter: Adapter, request: UpstreamRequest, *, backend: str,
-                   headers: dict[str, str]) -> aiohttp.ClientResponse:
+                   headers: dict[str, str], timeout: float | None = None) -> aiohttp.ClientResponse:
         """POST the request; a response with an error status is raised as the OpenAI error.
 
         Raises BackendUnavailable when nothing was sent (refused, reset before the answer), so
@@ -51,8 +51,11 @@ class Upstream:
         """
         assert self._session is not None
         try:
-            resp = await self._session.post(base_url + request.path, data=encode(request.body),
-                                            headers={"content-type": "application/json", **headers})
+            resp = await self._session.post(
+                base_url + request.path, data=encode(request.body),
+                headers={"content-type": "application/json", **headers},
+                timeout=self._timeout if timeout is None else aiohttp.ClientTimeout(
+                    total=timeout, sock_connect=self._timeout.sock_connect))
         except asyncio.TimeoutError:
             metrics.upstream_errors.labels(backend, "timeout").inc()
             raise UpstreamTimeout("The backend for this model did not answer in time.") from None

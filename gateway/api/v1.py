@@ -24,7 +24,15 @@ from litestar.response import Stream
 from gateway import metrics
 from gateway.admission import Lease, Limits, Slot, Ticket
 from gateway.auth import Principal
-from gateway.errors import BackendUnavailable, GatewayError, ModelNotFound
+from gateway.config import ModelOverride
+from gateway.errors import (
+    BackendUnavailable,
+    BodyTooLarge,
+    GatewayError,
+    ModelNotFound,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from gateway.openai import Endpoint, decode_request, encode, wants_usage
 from gateway.routing import Route, choose
 from gateway.upstream import StreamOutcome, relay_stream
@@ -55,7 +63,11 @@ async def _serve(request: Request[Any, Any, Any], endpoint: Endpoint) -> Respons
         principal.check_model(route)
         call.route = route
         call.key_id = principal.key_id
-        backends = choose(route)
+        override = gateway.config.models.overrides.get(route.served)
+        if override is not None:
+            _apply_override(override, body, raw)
+        affinity = request.headers.get(gateway.affinity_header) if gateway.affinity_header else None
+        backends = choose(route, cooldowns=gateway.cooldowns, loads=gateway.loads.loads, affinity=affinity)
         lease = await gateway.admission.acquire(_ticket(gateway, principal, route, backends, body, raw),
                                                 disconnected=lambda: _disconnect(request))
         call.lease = lease
@@ -78,20 +90,28 @@ async def _forward(gateway: Gateway, call: Call, lease: Lease, backends: Sequenc
     by_name = {b.name: b for b in backends}
     backend = by_name[lease.backend]
     headers = {"x-request-id": call.request_id, **lease.usage.headers()}
+    override = gateway.config.models.overrides.get(route.served)
+    timeout = override.request_timeout if override is not None else None
+    tried: list[str] = []
     while True:
         upstream_request = backend.adapter.request(endpoint, body, route.served)
         call.attempt(backend)
         try:
             resp = await gateway.upstream.send(backend.url, backend.adapter, upstream_request, backend=backend.name,
-                                               headers=_upstream_headers(backend, call.request_id))
+                                               headers=_upstream_headers(backend, call.request_id), timeout=timeout)
+            gateway.cooldowns.succeeded(backend.name)
             break
-        except BackendUnavailable:
+        except GatewayError as exc:
+            if not _retryable(exc):
+                raise
+            # Nothing reached the client yet: another backend of the group may take it.
             call.attempt_failed()
-            others = [b for b in backends if b.name != backend.name and b.ready]
-            if not others:
+            gateway.cooldowns.failed(backend.name)
+            tried.append(backend.name)
+            others = [b for b in backends if b.name not in tried and b.ready]
+            if not others or len(tried) >= gateway.config.routing.max_attempts:
                 raise
             backend = by_name[await lease.move([Slot(b.name, b.config.slots) for b in others])]
-            backends = others
 
     if body.get("stream") and endpoint != "embeddings":
         outcome = StreamOutcome()
@@ -106,6 +126,20 @@ async def _forward(gateway: Gateway, call: Call, lease: Lease, backends: Sequenc
     data["model"] = route.public
     await call.finish(200, data.get("usage"))
     return Response(encode(data), media_type=JSON, headers=headers)
+
+
+def _retryable(exc: GatewayError) -> bool:
+    """Refused, timed out, or a 5xx from the runtime: worth another backend. A 4xx is the
+    request's own fault and would fail anywhere."""
+    return isinstance(exc, (BackendUnavailable, UpstreamTimeout)) or (
+        isinstance(exc, UpstreamError) and exc.status >= 500)
+
+
+def _apply_override(override: ModelOverride, body: dict[str, Any], raw: bytes) -> None:
+    if override.max_body is not None and len(raw) > override.max_body:
+        raise BodyTooLarge(f"The request body is larger than this model accepts ({override.max_body} bytes).")
+    for name, value in override.defaults.items():
+        body.setdefault(name, value)
 
 
 async def _settled_stream(chunks: AsyncIterator[bytes], call: Call, outcome: StreamOutcome) -> AsyncIterator[bytes]:

@@ -1,0 +1,72 @@
+"""Reads each ready backend's own load report every few seconds (llama.cpp `/slots`, vLLM
+`/metrics`), so routing sees load the gateway did not cause (other clients, other replicas without
+shared Redis, the runtime's own queue). Seconds, not the 30 s some routers use: a report that old
+says nothing about where the next request should go."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import aiohttp
+
+from adapters.base import Load
+from gateway import metrics
+
+log = logging.getLogger("gateway.loadwatch")
+
+
+class LoadWatch:
+    def __init__(self, backends: Iterable[Any], interval: float) -> None:
+        self._backends = list(backends)
+        self._interval = interval
+        self.loads: dict[str, Load] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if not any(b.adapter.load_path for b in self._backends):
+            return
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8, force_close=True))
+        self._task = asyncio.create_task(self._run(), name="load-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    def replace(self, backends: Iterable[Any]) -> None:
+        self._backends = list(backends)
+        names = {b.name for b in self._backends}
+        self.loads = {k: v for k, v in self.loads.items() if k in names}
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.gather(*(self._sample(b) for b in self._backends if b.adapter.load_path))
+            await asyncio.sleep(self._interval)
+
+    async def _sample(self, backend: Any) -> None:
+        assert self._session is not None
+        if not backend.ready:
+            self.loads.pop(backend.name, None)
+            return
+        try:
+            async with self._session.get(backend.url + backend.adapter.load_path,
+                                         timeout=aiohttp.ClientTimeout(total=self._interval)) as resp:
+                load = backend.adapter.load(resp.status, await resp.read())
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            log.debug("load report from %s failed: %s", backend.name, exc)
+            return
+        if load is None:
+            self.loads.pop(backend.name, None)
+            return
+        self.loads[backend.name] = load
+        runtime = backend.config.runtime
+        for kind in ("running", "waiting", "kv_cache_usage_ratio"):
+            value = getattr(load, kind)
+            if value is not None:
+                metrics.backend_load.labels(backend.name, runtime, kind).set(value)
