@@ -14,6 +14,7 @@ runtime overrides only where it differs. The gateway core never branches on the 
 from __future__ import annotations
 
 import enum
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -27,6 +28,16 @@ if TYPE_CHECKING:
     from gateway.config import BackendConfig
 
 _decode = msgspec.json.decode
+
+
+def find_binary(configured: str | list[str] | None, name: str) -> list[str]:
+    """The backend's `binary` (a path, or an argv prefix such as [python, script]), else `name` on PATH."""
+    if configured:
+        return [configured] if isinstance(configured, str) else list(configured)
+    on_path = shutil.which(name)
+    if on_path is None:
+        raise FileNotFoundError(f"{name} not found: set the backend's `binary`, or put {name} on PATH")
+    return [on_path]
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,12 @@ class Adapter:
     health_path: ClassVar[str] = "/health"
     # Where the runtime reports its load (None: it does not; the gateway's own count is used).
     load_path: ClassVar[str | None] = None
+    # Where the runtime lists the models it has (None: it serves what it was started with).
+    models_path: ClassVar[str | None] = None
+
+    def __init__(self, backend: BackendConfig | None = None) -> None:
+        # One adapter per backend: request translation may depend on its config (Ollama's num_ctx).
+        self.backend = backend
 
     # --- managed processes ----------------------------------------------------------------
 
@@ -83,6 +100,10 @@ class Adapter:
         """Parse the answer from `load_path`; None when it says nothing usable."""
         return None
 
+    def missing_models(self, backend: BackendConfig, status: int, body: bytes) -> list[str]:
+        """Parse the answer from `models_path`: which of the backend's `serves` it does not have."""
+        return []
+
     def health(self, status: int, body: bytes) -> Health:
         if status == 200:
             return Health.READY
@@ -99,10 +120,18 @@ class Adapter:
             # drops it again for clients that did not ask.
             options = body.get("stream_options")
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        else:
+            # vLLM refuses stream_options without stream (400), llama.cpp ignores it: drop it so
+            # the answer does not depend on the runtime.
+            body.pop("stream_options", None)
         return UpstreamRequest(PATHS[endpoint], body)
 
-    def response(self, endpoint: Endpoint, body: bytes) -> dict[str, Any]:
-        data = _decode(body)
+    def response(self, endpoint: Endpoint, body: bytes, request: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The runtime's reply -> the OpenAI object; `request` is the client's body, as decoded."""
+        try:
+            data = _decode(body)
+        except msgspec.DecodeError:
+            raise UpstreamError(502, "The backend returned a response that is not JSON.") from None
         if not isinstance(data, dict):
             raise UpstreamError(502, "The backend returned a response that is not a JSON object.")
         if "error" in data and "choices" not in data and "data" not in data:
@@ -138,6 +167,11 @@ class Adapter:
         """
         in_stream = status is None
         status = status or 500
+        if status in (401, 403):
+            # The gateway's own key for the backend was refused: the client's key was fine, so
+            # an auth error would send it looking in the wrong place.
+            return UpstreamError(502, "The backend for this model refused the gateway's credentials.",
+                                 code="upstream_auth_failed")
         try:
             data: Any = _decode(body)
         except msgspec.DecodeError:

@@ -6,7 +6,10 @@ import shutil
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from adapters.base import Adapter, Launch
+import msgspec
+
+from adapters import shapes
+from adapters.base import Adapter, Launch, Load
 from gateway.errors import UpstreamError
 from gateway.openai import Endpoint
 
@@ -33,6 +36,8 @@ def find_binary(configured: str | list[str] | None) -> list[str]:
 class LlamaCppAdapter(Adapter):
     runtime = "llamacpp"
     owned_by = "llamacpp"
+    # /slots (needs --slots) says which slots are busy; /metrics lost its KV-cache gauges upstream.
+    load_path = "/slots"
 
     def launch(self, backend: BackendConfig, port: int) -> Launch:
         assert backend.model is not None
@@ -61,15 +66,29 @@ class LlamaCppAdapter(Adapter):
     def version_command(self, backend: BackendConfig) -> Launch | None:
         return Launch([*find_binary(backend.binary), "--version"], dict(backend.env))
 
-    def response(self, endpoint: Endpoint, body: bytes) -> dict[str, Any]:
-        data = super().response(endpoint, body)
-        data.pop("timings", None)  # llama.cpp-only; dropped so no client can tell runtimes apart
-        return data
+    def load(self, status: int, body: bytes) -> Load | None:
+        if status != 200:
+            return None
+        try:
+            slots = msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            return None
+        if not isinstance(slots, list):
+            return None
+        busy = sum(1 for slot in slots if isinstance(slot, dict) and slot.get("is_processing"))
+        return Load(running=float(busy))
+
+    # Rebuilt in the one OpenAI shape: `timings`, `system_fingerprint` (the build tag) and the
+    # usage details go, so no client can tell runtimes apart. Usage arrives in any of the three
+    # places the releases used (on the finish chunk, or a `choices: []` chunk with or without
+    # include_usage); the core takes it from whichever chunk carries it.
+
+    def response(self, endpoint: Endpoint, body: bytes, request: dict[str, Any] | None = None) -> dict[str, Any]:
+        return shapes.canonical(endpoint, super().response(endpoint, body, request))
 
     async def stream(self, endpoint: Endpoint, lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
         async for chunk in super().stream(endpoint, lines):
-            chunk.pop("timings", None)
-            yield chunk
+            yield shapes.chunk(endpoint, chunk)
 
     def error(self, status: int | None, body: bytes) -> UpstreamError:
         err = super().error(status, body)

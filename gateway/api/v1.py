@@ -122,7 +122,7 @@ async def _forward(gateway: Gateway, call: Call, lease: Lease, backends: Sequenc
         return Stream(_settled_stream(chunks, call, outcome), media_type="text/event-stream",
                       headers={**SSE_HEADERS, **headers}, background=BackgroundTask(call.abandon, resp))
     raw = await gateway.upstream.read(resp, backend.name)
-    data = backend.adapter.response(endpoint, raw)
+    data = backend.adapter.response(endpoint, raw, body)
     data["model"] = route.public
     await call.finish(200, data.get("usage"))
     return Response(encode(data), media_type=JSON, headers=headers)
