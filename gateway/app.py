@@ -128,6 +128,7 @@ def create_app(config: Config) -> Litestar:
         # read pass it; never read whole into memory.
         request_max_body_size=config.server.max_body,
         openapi_config=None,
+        logging_config=None,  # gateway.logsetup configures logging once, for text or JSON
         debug=False,
     )
     app.state.gateway = gateway

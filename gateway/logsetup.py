@@ -13,7 +13,7 @@ import sys
 import time
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and belongs in the line.
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):
