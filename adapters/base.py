@@ -158,6 +158,9 @@ class Adapter:
             elif line.startswith(b"error:"):
                 # Older llama.cpp builds: a non-standard `error: {json}` line, then [DONE].
                 raise self.error(None, line[6:].strip())
+        # Every OpenAI-speaking runtime ends a whole stream with [DONE]: without it the answer was
+        # cut off (the runtime died), and the client must be told rather than handed half a reply.
+        raise UpstreamError(502, "The backend closed the stream before it finished.")
 
     def error(self, status: int | None, body: bytes) -> UpstreamError:
         """Any error body the runtime may send -> an OpenAI-shaped error keeping the status.

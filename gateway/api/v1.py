@@ -67,6 +67,10 @@ async def _serve(request: Request[Any, Any, Any], endpoint: Endpoint) -> Respons
         if override is not None:
             _apply_override(override, body, raw)
         affinity = request.headers.get(gateway.affinity_header) if gateway.affinity_header else None
+        if not any(b.ready for b in route.backends):
+            # Starts a stopped on-demand backend (one start shared by concurrent callers) or waits
+            # for one on its way; BackendUnavailable when none can be ready within the queue's wait.
+            await gateway.supervisor.ensure_ready(route.backends, gateway.config.queue.max_wait, model=route.public)
         backends = choose(route, cooldowns=gateway.cooldowns, loads=gateway.loads.loads, affinity=affinity)
         lease = await gateway.admission.acquire(_ticket(gateway, principal, route, backends, body, raw),
                                                 disconnected=lambda: _disconnect(request))
@@ -94,6 +98,11 @@ async def _forward(gateway: Gateway, call: Call, lease: Lease, backends: Sequenc
     timeout = override.request_timeout if override is not None else None
     tried: list[str] = []
     while True:
+        if not backend.ready:
+            # Stopped or draining (idle stop, group swap) while this request waited for admission:
+            # bring it back rather than send to a port nobody listens on. Nothing awaits between
+            # here and call.attempt(), so the request is in flight before any drain looks again.
+            await gateway.supervisor.ensure_ready([backend], gateway.config.queue.max_wait, model=route.public)
         upstream_request = backend.adapter.request(endpoint, body, route.served)
         call.attempt(backend)
         try:

@@ -13,7 +13,8 @@ class BackendLog:
     def __init__(self, name: str, directory: Path, *, keep_lines: int = 2000,
                  file_bytes: int = 10 * 1024**2, file_count: int = 3) -> None:
         self.lines: collections.deque[str] = collections.deque(maxlen=keep_lines)
-        self._followers: set[asyncio.Queue[str]] = set()
+        self.written = 0  # lines ever written: a mark to read "everything since" from the ring
+        self._followers: set[asyncio.Queue[str | None]] = set()
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / f"{name}.log"
         # The stdlib's rotating handler: bounded disk use for a process that runs for months.
@@ -24,7 +25,10 @@ class BackendLog:
 
     def write(self, line: str) -> None:
         line = line.rstrip("\r\n")
+        if "\r" in line:  # a progress bar redrawn in place: keep what it shows last
+            line = line.rsplit("\r", 1)[1]
         self.lines.append(line)
+        self.written += 1
         self._file.emit(logging.makeLogRecord({"msg": line, "args": None}))
         for queue in self._followers:
             if queue.full():  # a slow follower loses its oldest line, never blocks the pump
@@ -36,13 +40,23 @@ class BackendLog:
             return []
         return list(self.lines)[-n:]
 
-    def follow(self) -> asyncio.Queue[str]:
-        queue: asyncio.Queue[str] = asyncio.Queue(maxsize=1000)
+    def since(self, mark: int) -> list[str]:
+        """The lines written after `written` was `mark` (as many as the ring still holds)."""
+        count = min(self.written - mark, len(self.lines))
+        return self.tail(count)
+
+    def follow(self) -> asyncio.Queue[str | None]:
+        """A queue of every line written from now on; None at the end (the log was closed)."""
+        queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=1000)
         self._followers.add(queue)
         return queue
 
-    def unfollow(self, queue: asyncio.Queue[str]) -> None:
+    def unfollow(self, queue: asyncio.Queue[str | None]) -> None:
         self._followers.discard(queue)
 
     def close(self) -> None:
+        for queue in self._followers:
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(None)
         self._file.close()

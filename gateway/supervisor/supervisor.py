@@ -1,32 +1,41 @@
-"""All backends: the managed processes the gateway owns and the attached servers it only watches."""
+"""All backends: the managed processes the gateway owns and the attached servers it only watches;
+on-demand start, idle stop and exclusive groups.
+
+Every start, swap and idle stop of a backend runs under its group's lock (a backend without a
+`group` is a group of one), so they never interleave. A backend on its way down is `draining`:
+it is no longer `ready`, so the request path sends it nothing new, and it is stopped only once
+its in-flight count is zero. The request path picks a backend and counts it in flight in the same
+event-loop step (see api/v1.py), so no request can slip in between the check and the stop.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-import socket
 import time
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 from adapters import Adapter, Health, for_runtime
 from gateway import metrics
 from gateway.config import BackendConfig, Config
+from gateway.errors import BackendUnavailable
 from gateway.supervisor.logs import BackendLog
-from gateway.supervisor.process import RuntimeProcess, StartFailed, State
+from gateway.supervisor.process import KEEPER_MARGIN, RuntimeProcess, StartFailed, State, free_port
 
 log = logging.getLogger("gateway.supervisor")
 
-ATTACHED_PROBE_INTERVAL = 5.0
+EAGER_WAIT = 15.0  # how long start-up waits for eager backends before serving /health anyway
+DRAIN_POLL = 0.05
+# After a start, how long the group stays locked for the callers that waited for it to take it
+# (without this, two members wanted at once could swap each other out before either served).
+HANDOVER = 2.0
 
-
-def free_port() -> int:
-    # The kernel picks an unused port; the tiny race until the runtime binds it ends, at worst,
-    # in a failed start that the supervisor reports.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["Backend", "Supervisor", "free_port"]
 
 
 class Backend:
@@ -40,6 +49,7 @@ class Backend:
         self.inflight = 0
         self.last_used = time.monotonic()  # set by the request path at each request's start and end
         self.process: RuntimeProcess | None = None
+        self.draining = False  # on its way down (idle, swap, stop): no new requests
         # Attached servers have no process; their state comes from probes alone.
         self.attached_state = State.STARTING
         self.attached_reason = ""
@@ -49,10 +59,16 @@ class Backend:
         return self.config.url is None
 
     @property
+    def on_demand(self) -> bool:
+        """A request may start it: `start: on_demand`, or a member of an exclusive group (an eager
+        member swapped out comes back the same way)."""
+        return self.managed and (self.config.start == "on_demand" or self.config.group is not None)
+
+    @property
     def url(self) -> str:
         if self.config.url is not None:
             return self.config.url.rstrip("/")
-        assert self.process is not None
+        assert self.process is not None and self.process.port is not None
         return self.process.base_url
 
     @property
@@ -65,105 +81,358 @@ class Backend:
 
     @property
     def ready(self) -> bool:
-        return self.state is State.READY
+        return self.state is State.READY and not self.draining
+
+    @property
+    def startable(self) -> bool:
+        """Stopped, and the next request for it starts it: not a fault (e.g. for /ready)."""
+        return self.on_demand and self.state is State.STOPPED and not self.draining
 
     def describe(self) -> dict[str, object]:
         proc = self.process
+        uptime = proc.uptime if proc else None
+        restart_in = proc.restart_in if proc else None
         return {
             "name": self.name,
             "runtime": self.config.runtime,
             "serves": list(self.config.serves),
             "managed": self.managed,
+            "start": self.config.start if self.managed else None,
+            "group": self.config.group,
             "state": self.state.value,
             "reason": self.reason or None,
-            "url": self.url if (proc or not self.managed) else None,
+            "draining": self.draining,
+            "url": self.url if (not self.managed or (proc and proc.port)) else None,
             "pid": proc.pid if proc else None,
+            "keeper_pid": proc.keeper_pid if proc and proc.pid else None,
             "port": proc.port if proc else None,
-            "uptime_seconds": round(proc.uptime, 1) if proc and proc.uptime else None,
+            "uptime_seconds": round(uptime, 1) if uptime is not None else None,
+            "starts": proc.starts if proc else 0,
+            "restarts": proc.restarts if proc else 0,
+            "recent_failures": proc.crashes if proc else 0,
+            "restart_in_seconds": round(restart_in, 1) if restart_in is not None else None,
+            "last_exit": proc.last_exit if proc else None,
             "last_exit_code": proc.exit_code if proc else None,
-            "slots": self.config.slots,
             "inflight": self.inflight,
+            "idle_seconds": round(time.monotonic() - self.last_used, 1),
+            "slots": self.config.slots,
         }
 
 
 class Supervisor:
     def __init__(self, config: Config) -> None:
         self.backends: dict[str, Backend] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._bringing: dict[str, asyncio.Task[None]] = {}
+        self._waiting: collections.Counter[str] = collections.Counter()  # ensure_ready callers per backend
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._changed = asyncio.Event()
+        self._closing = False
         self._probes: aiohttp.ClientSession | None = None
         log_dir = Path(config.data_dir) / "logs"
         for backend_config in config.backends:
             self.backends[backend_config.name] = Backend(
-                backend_config, for_runtime(backend_config.runtime), BackendLog(backend_config.name, log_dir)
+                backend_config, for_runtime(backend_config.runtime, backend_config), BackendLog(backend_config.name, log_dir)
             )
+
+    # --- life of the supervisor ----------------------------------------------------------
 
     async def start(self) -> None:
         # Health probes get their own small pool: a probe never queues behind user traffic.
         self._probes = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16, force_close=True))
-        starts = []
+        eager: list[Backend] = []
+        groups_started: set[str] = set()
+        first_probes = []
         for backend in self.backends.values():
-            if backend.managed:
-                starts.append(self._start_managed(backend))
-            else:
-                self._spawn(self._watch_attached(backend), f"{backend.name}-probe")
-        await asyncio.gather(*starts)
+            if not backend.managed:
+                first_probes.append(self._probe_attached(backend))
+                self._spawn(self._watch_attached(backend), f"{backend.name}-attached")
+                continue
+            backend.process = self._process_for(backend)
+            backend.process.run()
+            for state in State:  # the gauges start at `stopped`; that is no transition
+                metrics.backend_state.labels(backend.name, backend.config.runtime, state.value).set(
+                    1 if state is State.STOPPED else 0)
+            metrics.backend_ready.labels(backend.name, backend.config.runtime).set(0)
+            group = backend.config.group
+            if backend.config.start == "eager" and (group is None or group not in groups_started):
+                eager.append(backend)
+                if group is not None:
+                    groups_started.add(group)
+        if any(b.config.idle_ttl for b in self.backends.values()):
+            self._spawn(self._idle_stopper(), "idle-stopper")
+        pending = [self._spawn(self._first_start(b), f"{b.name}-first-start") for b in eager]
+        pending += [asyncio.ensure_future(probe) for probe in first_probes]
+        if pending:
+            # Most runtimes are ready in seconds, and /ready is exact from the first request on; a
+            # big model still loading must not keep /health (the orchestrator's liveness) silent.
+            await asyncio.wait(pending, timeout=EAGER_WAIT)
 
     async def stop(self) -> None:
+        self._closing = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(b.process.stop() for b in self.backends.values() if b.process))
+        await asyncio.gather(*(
+            b.process.close(timeout=b.config.stop_timeout + KEEPER_MARGIN + 2)
+            for b in self.backends.values() if b.process
+        ))
         for backend in self.backends.values():
             backend.log.close()
         if self._probes is not None:
             await self._probes.close()
 
-    def _spawn(self, coro, name: str) -> None:  # type: ignore[no-untyped-def]
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
-    async def _start_managed(self, backend: Backend) -> None:
+    def _process_for(self, backend: Backend) -> RuntimeProcess:
         assert self._probes is not None
-        config = backend.config
-        port = config.port or free_port()
-        try:
-            launch = backend.adapter.launch(config, port)
-        except (FileNotFoundError, NotImplementedError) as exc:
-            backend.attached_state, backend.attached_reason = State.FAILED, str(exc)
-            log.error("backend %s: %s", backend.name, exc)
-            return
 
         def on_state(old: State, new: State, reason: str) -> None:
-            metrics.backend_transition(backend.name, config.runtime, old.value, new.value)
+            metrics.backend_transition(backend.name, backend.config.runtime, old.value, new.value)
+            if new is State.READY:  # the idle clock starts when it can first be used
+                backend.last_used = max(backend.last_used, time.monotonic())
+            self._pulse()
 
-        backend.process = RuntimeProcess(
-            backend.name, backend.adapter, launch, port, backend.log, self._probes,
-            startup_timeout=config.startup_timeout, stop_timeout=config.stop_timeout, on_state=on_state,
-        )
+        return RuntimeProcess(backend.config, backend.adapter, backend.log, self._probes,
+                              inflight=lambda: backend.inflight, on_state=on_state)
+
+    async def _first_start(self, backend: Backend) -> None:
+        assert backend.process is not None
         started = time.monotonic()
         try:
             await backend.process.start()
         except StartFailed as exc:
             log.error("backend %s failed to start: %s", backend.name, exc)
             return
-        log.info("backend %s ready on port %d in %.1fs", backend.name, port, time.monotonic() - started)
+        log.info("backend %s ready on port %s in %.1fs", backend.name, backend.process.port,
+                 time.monotonic() - started)
+
+    def _pulse(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait_change(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    # --- what the request path calls ---------------------------------------------------------
+
+    async def ensure_ready(self, backends: Sequence[Backend], timeout: float, *, model: str | None = None) -> None:
+        """Return once one of `backends` is ready, starting a stopped on-demand one if none is on
+        its way (concurrent callers share one start); raise BackendUnavailable if none can be
+        ready within `timeout`, or none ever will (failed, stopped by the operator, unreachable).
+
+        The message names states only: reasons (process output, paths) are for operators."""
+        if any(b.ready for b in backends):
+            return
+        deadline = time.monotonic() + timeout
+        self._waiting.update(b.name for b in backends)
+        try:
+            while True:
+                if any(b.ready for b in backends):
+                    return
+                if self._closing:
+                    raise BackendUnavailable("The gateway is shutting down.")
+                if not any(self._coming(b) for b in backends):
+                    startable = [b for b in backends if b.startable]
+                    if not startable:
+                        raise BackendUnavailable(_why(model, backends, "is ready"))
+                    self._bring_up(self._pick(startable))
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BackendUnavailable(_why(model, backends, f"became ready within {timeout:g}s"))
+                await self._wait_change(min(remaining, 0.5))
+        finally:
+            self._waiting.subtract(b.name for b in backends)
+            self._pulse()
+
+    def _coming(self, backend: Backend) -> bool:
+        """On its way to ready (or to stopped-and-startable) without anybody's help."""
+        if backend.name in self._bringing or backend.draining:
+            return True
+        state, proc = backend.state, backend.process
+        if proc is None:
+            return state is State.STARTING  # attached: before its first probe
+        if state in (State.STARTING, State.UNHEALTHY):
+            return True
+        if state is State.STOPPING:
+            return backend.on_demand
+        # Crashed while serving: the restart is worth waiting for. Failing to start is not.
+        return state is State.FAILED and proc.restart_at is not None and not proc.failed_while_starting
+
+    def _pick(self, startable: list[Backend]) -> Backend:
+        """Prefer a backend whose start needs no swap (its group has nothing running)."""
+        for backend in startable:
+            if not any(m is not backend and m.state is not State.STOPPED for m in self._members(backend)):
+                return backend
+        return startable[0]
+
+    def _bring_up(self, backend: Backend) -> asyncio.Task[None]:
+        task = self._bringing.get(backend.name)
+        if task is None:
+            task = self._spawn(self._bring_up_now(backend, manual=False), f"{backend.name}-bring-up")
+            self._bringing[backend.name] = task
+
+            def done(t: asyncio.Task[None]) -> None:
+                self._bringing.pop(backend.name, None)
+                if not t.cancelled() and (exc := t.exception()) is not None:
+                    log.warning("backend %s: on-demand start failed: %s", backend.name, exc)
+                self._pulse()
+
+            task.add_done_callback(done)
+            self._pulse()
+        return task
+
+    async def _bring_up_now(self, backend: Backend, *, manual: bool) -> None:
+        """Start `backend`, first draining and stopping whatever else runs in its group."""
+        assert backend.process is not None
+        async with self._lock(backend):
+            if self._closing or (backend.ready and not manual):
+                return
+            for other in self._members(backend):
+                if other is not backend and other.state is not State.STOPPED:
+                    log.info("backend %s: stopping %s first (exclusive group %s)", backend.name, other.name,
+                             backend.config.group)
+                    await self._drain_and_stop(other, f"made way for {backend.name} (group {backend.config.group})")
+            await backend.process.start(manual=manual)
+            # Hold the group until the callers that waited for this backend have seen it ready
+            # and the first of them reached it (the request path counts a request in flight when
+            # it sends it, after admission): a swap back then drains them instead of racing them.
+            ready_at = time.monotonic()
+            waited = self._waiting[backend.name] > 0
+            while backend.ready and time.monotonic() < ready_at + HANDOVER:
+                if self._waiting[backend.name] <= 0 and (not waited or backend.last_used > ready_at):
+                    break
+                await asyncio.sleep(DRAIN_POLL)
+
+    async def _drain_and_stop(self, backend: Backend, reason: str, *, drain: bool = True) -> None:
+        assert backend.process is not None
+        backend.draining = True
+        self._pulse()
+        try:
+            # Bounded by the requests' own timeout (server.request_timeout).
+            while drain and backend.inflight > 0:
+                await asyncio.sleep(DRAIN_POLL)
+            await backend.process.stop(reason)
+        finally:
+            backend.draining = False
+            self._pulse()
+
+    def _members(self, backend: Backend) -> list[Backend]:
+        group = backend.config.group
+        if group is None:
+            return [backend]
+        return [b for b in self.backends.values() if b.config.group == group]
+
+    def _lock(self, backend: Backend) -> asyncio.Lock:
+        key = f"group:{backend.config.group}" if backend.config.group else f"backend:{backend.name}"
+        return self._locks.setdefault(key, asyncio.Lock())
+
+    # --- idle stop ---------------------------------------------------------------------------
+
+    async def _idle_stopper(self) -> None:
+        ttls = [b.config.idle_ttl for b in self.backends.values() if b.config.idle_ttl]
+        tick = max(0.1, min(1.0, min(ttls) / 4))
+        while True:
+            await asyncio.sleep(tick)
+            for backend in self.backends.values():
+                if self._idle(backend) and not self._lock(backend).locked():
+                    self._spawn(self._stop_idle(backend), f"{backend.name}-idle-stop")
+
+    def _idle(self, backend: Backend) -> bool:
+        ttl = backend.config.idle_ttl
+        return bool(ttl) and backend.process is not None and backend.state is State.READY \
+            and not backend.draining and backend.inflight == 0 and backend.name not in self._bringing \
+            and time.monotonic() - backend.last_used > ttl  # type: ignore[operator]
+
+    async def _stop_idle(self, backend: Backend) -> None:
+        async with self._lock(backend):
+            if self._idle(backend):  # a request may have come since the check
+                log.info("backend %s: idle for %gs, stopping it", backend.name, backend.config.idle_ttl)
+                await self._drain_and_stop(backend, f"idle for {backend.config.idle_ttl:g}s")
+
+    # --- what the admin API calls ----------------------------------------------------------
+
+    def get(self, name: str) -> Backend | None:
+        return self.backends.get(name)
+
+    def operate(self, backend: Backend, action: str, *, drain: bool = True) -> asyncio.Task[None]:
+        """start | stop | restart by the operator, as a task that outlives the HTTP request.
+        A manual start or restart clears the crash history (and unparks a failed backend)."""
+        assert backend.process is not None
+        if self._closing:
+            raise BackendUnavailable("The gateway is shutting down.")
+        if action == "start":
+            coro = self._bring_up_now(backend, manual=True)
+        elif action == "stop":
+            coro = self._stop_now(backend, drain)
+        else:
+            coro = self._restart_now(backend, drain)
+        task = self._spawn(coro, f"{backend.name}-{action}")
+
+        def done(t: asyncio.Task[None]) -> None:
+            if not t.cancelled() and (exc := t.exception()) is not None:  # also when nobody waited
+                log.warning("backend %s: %s by the operator failed: %s", backend.name, action, exc)
+
+        task.add_done_callback(done)
+        return task
+
+    async def _stop_now(self, backend: Backend, drain: bool) -> None:
+        async with self._lock(backend):
+            await self._drain_and_stop(backend, "stopped by the operator", drain=drain)
+
+    async def _restart_now(self, backend: Backend, drain: bool) -> None:
+        assert backend.process is not None
+        if backend.state in (State.STOPPED, State.FAILED):
+            await self._bring_up_now(backend, manual=True)
+            return
+        async with self._lock(backend):
+            backend.draining = True
+            self._pulse()
+            try:
+                while drain and backend.inflight > 0:
+                    await asyncio.sleep(DRAIN_POLL)
+                await backend.process.restart()
+            finally:
+                backend.draining = False
+                self._pulse()
+
+    # --- attached servers --------------------------------------------------------------------
+
+    async def _probe_attached(self, backend: Backend) -> None:
+        assert self._probes is not None
+        timeout = backend.config.health_timeout
+        try:
+            async with self._probes.get(backend.url + backend.adapter.health_path,
+                                        timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                health = backend.adapter.health(resp.status, await resp.read())
+                detail = f"health check answered {resp.status}"
+        except asyncio.TimeoutError:
+            health, detail = None, f"no answer to the health check within {timeout:g}s"
+        except (aiohttp.ClientError, OSError) as exc:
+            health, detail = None, f"unreachable: {type(exc).__name__} {exc}".strip()
+        new = State.READY if health is Health.READY else State.UNHEALTHY
+        if new is not backend.attached_state:
+            metrics.backend_transition(backend.name, backend.config.runtime, backend.attached_state.value, new.value)
+            log.info("backend %s (attached): %s -> %s%s", backend.name, backend.attached_state.value, new.value,
+                     "" if new is State.READY else f" ({detail})")
+            backend.attached_state = new
+            self._pulse()
+        backend.attached_reason = "" if new is State.READY else detail
 
     async def _watch_attached(self, backend: Backend) -> None:
-        assert self._probes is not None
-        url = backend.url + backend.adapter.health_path
         while True:
-            try:
-                async with self._probes.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                    health = backend.adapter.health(resp.status, await resp.read())
-                    detail = f"health check answered {resp.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                health, detail = None, f"unreachable: {type(exc).__name__} {exc}".strip()
-            new = State.READY if health is Health.READY else State.UNHEALTHY
-            if new is not backend.attached_state:
-                metrics.backend_transition(backend.name, backend.config.runtime,
-                                           backend.attached_state.value, new.value)
-                log.info("backend %s (attached): %s -> %s", backend.name, backend.attached_state.value, new.value)
-            backend.attached_state = new
-            backend.attached_reason = "" if new is State.READY else detail
-            await asyncio.sleep(ATTACHED_PROBE_INTERVAL)
+            await asyncio.sleep(backend.config.health_interval)
+            await self._probe_attached(backend)
+
+
+def _why(model: str | None, backends: Sequence[Backend], what: str) -> str:
+    states = ", ".join(f"{b.name} is {'draining' if b.draining else b.state.value}" for b in backends)
+    subject = f"model `{model}`" if model else "this model"
+    return f"No backend for {subject} {what} ({states}). Try again later."

@@ -116,3 +116,9 @@ def test_load_from_slots(adapter: LlamaCppAdapter) -> None:
     assert adapter.load(200, json.dumps(slots).encode()) == Load(running=2.0)
     assert adapter.load(501, b'{"error":{"message":"This server does not support slots endpoint."}}') is None
     assert adapter.load(200, b"not json") is None
+
+
+async def test_stream_cut_off_without_done_is_an_error(adapter: LlamaCppAdapter) -> None:
+    with pytest.raises(UpstreamError) as info:
+        await collect(adapter, "chat", sse(ROLE), sse(chunk({"content": "half an ans"})))  # the runtime died
+    assert info.value.status == 502 and "before it finished" in info.value.message

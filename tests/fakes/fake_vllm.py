@@ -29,7 +29,11 @@ Environment knobs: FAKE_LOAD_SECONDS (1.0), FAKE_TOKEN_DELAY (0.005), FAKE_CRASH
 FAKE_OUTPUT_WORDS, FAKE_VLLM_FLAT_ERRORS, FAKE_VLLM_OLD_METRICS, FAKE_VLLM_REASONING,
 FAKE_VLLM_OLD_REASONING, VLLM_API_KEY.  Magic prompt text: "FAKE_MIDSTREAM_ERROR" in the last user
 message breaks a stream after 2 content chunks; "call the tool" triggers a tool call under "auto".
-Test-only endpoint (not in vLLM): GET /fake/last_request returns the last inference request body.
+Test-only endpoints (not in vLLM): GET /fake/last_request returns the last inference request body;
+GET /fake/stats -> {"peak_running": N, "running": N, "served": N, "peak_by_group": {G: N}} counts inference
+requests in flight (from the handler's start to its end, streams included) and their peak, also per group
+G = the x-request-id up to its first "." (ids without a dot are in no group); POST /fake/stats/reset
+zeroes them.
 """
 
 from __future__ import annotations
@@ -195,6 +199,11 @@ class FakeVllm:
         self.e2e = Histogram(LATENCY_BUCKETS)
         self.queue_time = Histogram(LATENCY_BUCKETS)
         self.served = 0
+        self.inflight = 0  # /fake/stats
+        self.peak_inflight = 0
+        self.finished = 0
+        self.group_inflight: Counter[str] = Counter()
+        self.group_peak: Counter[str] = Counter()
         self.last_request: object = None
         self.engine: subprocess.Popen | None = None
         self.shutdown = asyncio.Event()
@@ -542,7 +551,17 @@ def make_app(state: FakeVllm) -> web.Application:
     app.router.add_post("/v1/embeddings", lambda r: inference(state, r, embeddings))
     app.router.add_post("/tokenize", lambda r: inference(state, r, tokenize))
     app.router.add_get("/fake/last_request", lambda r: web.json_response(state.last_request))
+    app.router.add_get("/fake/stats", lambda r: fake_stats(state))
+    app.router.add_post("/fake/stats/reset", lambda r: fake_stats(state, reset=True))
     return app
+
+
+async def fake_stats(state: FakeVllm, reset: bool = False) -> web.Response:
+    if reset:
+        state.peak_inflight, state.finished = state.inflight, 0
+        state.group_peak = Counter({g: n for g, n in state.group_inflight.items() if n})
+    return web.json_response({"peak_running": state.peak_inflight, "running": state.inflight,
+                              "served": state.finished, "peak_by_group": dict(state.group_peak)})
 
 
 @web.middleware
@@ -653,6 +672,13 @@ async def inference(state: FakeVllm, request: web.Request, handler) -> web.Strea
         asyncio.get_running_loop().call_later(0.1, state.shutdown.set)
         return state.error(500, "EngineCore encountered an issue. See stack trace (above) for the root cause.",
                            "InternalServerError")
+    state.inflight += 1
+    state.peak_inflight = max(state.peak_inflight, state.inflight)
+    request_id = request.headers.get("x-request-id", "")
+    group = request_id.partition(".")[0] if "." in request_id else None
+    if group is not None:
+        state.group_inflight[group] += 1
+        state.group_peak[group] = max(state.group_peak[group], state.group_inflight[group])
     try:
         body = await read_json(request)
         state.last_request = body
@@ -664,6 +690,11 @@ async def inference(state: FakeVllm, request: web.Request, handler) -> web.Strea
         return await handler(state, request, body)
     except BadRequest as exc:
         return state.bad_request(exc)
+    finally:
+        state.inflight -= 1
+        state.finished += 1
+        if group is not None:
+            state.group_inflight[group] -= 1
 
 
 async def chat_completions(state: FakeVllm, request: web.Request, body: dict) -> web.StreamResponse:

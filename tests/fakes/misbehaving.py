@@ -20,6 +20,10 @@ Modes:
                blocks forever) while the other endpoints keep working
   hold_pipes   ready; spawns a grandchild that INHERITS stdout/stderr and ignores SIGTERM (pid in
                --pid-file if given); this process exits on SIGTERM, the pipes stay open
+  busy_health  ready for FAKE_HEALTHY_SECONDS (default 2), then /health answers 503 "no slot available"
+               (older llama.cpp builds when every slot is busy) while the other endpoints keep working
+  escape       ready; spawns a grandchild that leaves the process group (its own session, no pipes)
+               and ignores SIGTERM (pid in --pid-file); a group kill alone never reaches it
 """
 
 from __future__ import annotations
@@ -38,10 +42,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # find _text when imported too
 import _text  # noqa: E402
 
-MODES = ("ok", "exit", "never_ready", "ignore_term", "grandchild", "hang_health", "hold_pipes")
+MODES = ("ok", "exit", "never_ready", "ignore_term", "grandchild", "hang_health", "hold_pipes", "escape", "busy_health")
 SLEEPER = "import time\nwhile True: time.sleep(3600)\n"
 TERM_IGNORING_SLEEPER = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(3600)\n"
 LOADING = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
+NO_SLOT = {"error": {"code": 503, "message": "no slot available", "type": "unavailable_error"}}
 
 
 def env_float(name: str, default: float) -> float:
@@ -69,6 +74,10 @@ class Behaviour:
         ready_at = self.started + self.load_seconds
         return self.mode == "hang_health" and time.monotonic() > ready_at + self.healthy_seconds
 
+    def health_busy(self) -> bool:
+        ready_at = self.started + self.load_seconds
+        return self.mode == "busy_health" and time.monotonic() > ready_at + self.healthy_seconds
+
 
 class Handler(BaseHTTPRequestHandler):
     behaviour: Behaviour  # set in main()
@@ -92,6 +101,8 @@ class Handler(BaseHTTPRequestHandler):
         if path in ("/health", "/v1/health"):
             if self.behaviour.health_hangs():
                 threading.Event().wait()  # never answers; other requests run in other threads
+            if self.behaviour.health_busy():
+                return self.send_json(503, NO_SLOT)
             return self.send_json(200, {"status": "ok"})
         if path in ("/models", "/v1/models"):
             return self.send_json(200, {"object": "list", "data": [
@@ -151,10 +162,14 @@ class Handler(BaseHTTPRequestHandler):
         send("[DONE]")
 
 
-def spawn_grandchild(args: argparse.Namespace, hold_pipes: bool) -> None:
+def spawn_grandchild(args: argparse.Namespace, hold_pipes: bool, escape: bool = False) -> None:
     if hold_pipes:  # inherits our stdout/stderr and shrugs off SIGTERM
         child = subprocess.Popen([sys.executable, "-c", TERM_IGNORING_SLEEPER, "misbehaving-grandchild"],
                                  stdin=subprocess.DEVNULL)
+    elif escape:  # a session of its own: out of reach of killpg, and deaf to SIGTERM
+        child = subprocess.Popen([sys.executable, "-c", TERM_IGNORING_SLEEPER, "misbehaving-grandchild"],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True)
     else:
         child = subprocess.Popen([sys.executable, "-c", SLEEPER, "misbehaving-grandchild"],
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -190,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     Handler.behaviour = Behaviour(args)
     server = ThreadingHTTPServer((args.host, args.port), Handler)  # bound now, before "loading"
     server.daemon_threads = True  # hung /health threads must not block exit
-    if args.mode in ("grandchild", "hold_pipes"):
-        spawn_grandchild(args, hold_pipes=args.mode == "hold_pipes")
+    if args.mode in ("grandchild", "hold_pipes", "escape", "busy_health"):
+        spawn_grandchild(args, hold_pipes=args.mode == "hold_pipes", escape=args.mode == "escape")
     log(f"main: server is listening on http://{args.host}:{args.port} - starting the main loop (mode {args.mode})")
     try:
         server.serve_forever(poll_interval=0.1)

@@ -1,0 +1,280 @@
+"""The supervisor in-process, against real fake runtimes (tests/fakes/misbehaving.py): the
+lifecycle, crash loops, timeouts, stopping whole process trees, liveness, one-shot commands."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.base import Launch
+from adapters.llamacpp import LlamaCppAdapter
+from gateway.supervisor import Backend, State
+from gateway.supervisor.process import ALLOWED, StartFailed
+from tests.helpers import alive, descendants
+from tests.supervisor.conftest import MakeSupervisor
+from tests.supervisor.support import counter, fake, until
+
+
+def log_text(backend: Backend) -> str:
+    return "\n".join(backend.log.tail(2000))
+
+
+async def gone(pid: int, timeout: float = 3.0) -> bool:
+    return await until(lambda: not alive(pid), timeout)
+
+
+def read_pid(path: Path) -> int:
+    return int(path.read_text().strip())
+
+
+# --- the table -------------------------------------------------------------------------------
+
+
+def test_every_state_is_reachable_and_can_end_stopped() -> None:
+    reachable, todo = {State.STOPPED}, [State.STOPPED]
+    while todo:
+        for nxt in ALLOWED[todo.pop()]:
+            if nxt not in reachable:
+                reachable.add(nxt)
+                todo.append(nxt)
+    assert reachable == set(State)
+    for state in State:  # from anywhere, a stop ends in `stopped`
+        assert State.STOPPED in ALLOWED[state] or State.STOPPING in ALLOWED[state] or state is State.STOPPED
+
+
+# --- starting ----------------------------------------------------------------------------------
+
+
+async def test_start_ready_and_metrics(supervise: MakeSupervisor) -> None:
+    sup = await supervise(fake("plain"))
+    backend = sup.backends["plain"]
+    assert backend.ready and backend.process is not None
+    pid = backend.process.pid
+    assert pid and alive(pid) and "misbehaving.py" in Path(f"/proc/{pid}/cmdline").read_text()
+    assert counter("gateway_backend_ready", backend="plain", runtime="llamacpp") == 1
+    assert counter("gateway_backend_transitions_total", backend="plain", runtime="llamacpp", state="ready") == 1
+    info = backend.describe()
+    assert info["state"] == "ready" and info["pid"] == pid and info["starts"] == 1 and info["restarts"] == 0
+    # the version command ran first, through subprocess-tee, with its output kept in the log
+    text = log_text(backend)
+    assert text.index("[gateway] version:") < text.index("[gateway] starting on port")
+    assert "the following arguments are required: --port" in text  # what `misbehaving.py --version` says
+
+
+async def test_exit_at_once_is_a_crash_loop_that_parks_with_the_reason(supervise: MakeSupervisor) -> None:
+    sup = await supervise(fake("crashy", "exit", crash_limit=4, restart_backoff="0.1s", restart_backoff_max="0.3s"))
+    backend = sup.backends["crashy"]
+    proc = backend.process
+    assert proc is not None
+    assert await until(lambda: proc.parked, 20), backend.describe()
+    assert proc.starts == 5 and proc.restarts == 4
+    assert "failed to load model" in backend.reason and "crash_limit 4" in backend.reason
+    assert "/admin/backends/crashy/start" in backend.reason
+    # the backoff doubles from restart_backoff and stops at restart_backoff_max
+    delays = [line.split("restarting in ")[1].split("s ")[0] for line in backend.log.tail(500)
+              if line.startswith("[gateway] starting -> failed") and "restarting in" in line]
+    assert delays == ["0.1", "0.2", "0.3", "0.3"]
+    assert counter("gateway_backend_restarts_total", backend="crashy", runtime="llamacpp", cause="crash") == 4
+
+    # a parked backend is not waited for
+    started = time.monotonic()
+    with pytest.raises(Exception, match="crashy is failed"):
+        await sup.ensure_ready([backend], timeout=10, model="crashy-model")
+    assert time.monotonic() - started < 1
+
+    # the manual reset clears the history: a fresh round of attempts, not an immediate park
+    with pytest.raises(StartFailed, match="failed to load model"):
+        await sup.operate(backend, "start")
+    assert proc.starts == 6 and proc.crashes == 1 and not proc.parked
+
+
+async def test_never_ready_hits_the_startup_timeout(supervise: MakeSupervisor) -> None:
+    started = time.monotonic()
+    sup = await supervise(fake("slow", "never_ready", startup_timeout="1s", crash_limit=1))
+    backend = sup.backends["slow"]
+    assert backend.state is State.FAILED
+    assert 1.0 <= time.monotonic() - started < 5
+    assert "not ready after 1s (health check answered 503)" in backend.reason
+    assert backend.process is not None and backend.process.failed_while_starting
+
+
+async def test_missing_binary_parks_at_once(supervise: MakeSupervisor) -> None:
+    sup = await supervise({**fake("nobin"), "binary": "/nonexistent/llama-server"})
+    backend = sup.backends["nobin"]
+    assert backend.state is State.FAILED and backend.process is not None and backend.process.parked
+    assert "cannot execute /nonexistent/llama-server" in backend.reason
+
+
+# --- stopping ------------------------------------------------------------------------------------
+
+
+async def test_stop_is_prompt_for_a_runtime_that_honours_sigterm(supervise: MakeSupervisor) -> None:
+    sup = await supervise(fake("polite", stop_timeout="3s"))
+    backend = sup.backends["polite"]
+    assert backend.process is not None
+    pid, keeper = backend.process.pid, backend.process.keeper_pid
+    assert pid and keeper
+    started = time.monotonic()
+    await sup.operate(backend, "stop")
+    assert time.monotonic() - started < 1.5
+    assert backend.state is State.STOPPED and not alive(pid) and not alive(keeper)
+    assert "SIGKILL" not in log_text(backend)
+
+
+async def test_ignore_term_gets_sigkill_after_stop_timeout(supervise: MakeSupervisor) -> None:
+    sup = await supervise(fake("deaf", "ignore_term", stop_timeout="1.5s"))
+    backend = sup.backends["deaf"]
+    assert backend.process is not None
+    pid = backend.process.pid
+    assert pid
+    started = time.monotonic()
+    await sup.operate(backend, "stop")
+    took = time.monotonic() - started
+    assert 1.5 <= took < 4.0, took
+    assert await gone(pid)
+    assert "still running 1.5s after SIGTERM: SIGKILL" in log_text(backend)
+    assert "SIGKILL" in (backend.process.last_exit or "")
+
+
+@pytest.mark.parametrize("mode", ["grandchild", "escape", "hold_pipes"])
+async def test_no_grandchild_survives_a_stop(supervise: MakeSupervisor, tmp_path: Path, mode: str) -> None:
+    """grandchild: same group; escape: its own session, deaf to SIGTERM; hold_pipes: keeps the
+    output pipe open and is deaf to SIGTERM (the stop must not hang on the pipe either)."""
+    pid_file = tmp_path / f"{mode}.pid"
+    sup = await supervise(fake("parent", mode, pid_file=str(pid_file), stop_timeout="1s"))
+    backend = sup.backends["parent"]
+    assert backend.ready
+    grandchild = read_pid(pid_file)
+    assert alive(grandchild)
+    started = time.monotonic()
+    await sup.operate(backend, "stop")
+    assert time.monotonic() - started < 4.0
+    assert await gone(grandchild), f"{mode}: grandchild {grandchild} survived"
+    assert backend.state is State.STOPPED
+
+
+# --- crashes and liveness ------------------------------------------------------------------------
+
+
+async def test_kill_9_of_the_runtime_restarts_it(supervise: MakeSupervisor) -> None:
+    sup = await supervise(fake("victim"))
+    backend = sup.backends["victim"]
+    proc = backend.process
+    assert proc is not None and proc.pid
+    old = proc.pid
+    os.kill(old, signal.SIGKILL)
+    assert await until(lambda: backend.state is State.FAILED, 5)
+    assert "SIGKILL" in backend.reason and not backend.ready
+    assert await until(lambda: backend.ready, 10), backend.describe()
+    assert proc.pid != old and proc.restarts == 1
+    assert counter("gateway_backend_restarts_total", backend="victim", runtime="llamacpp", cause="crash") == 1
+
+
+async def test_hung_health_check_is_unhealthy_then_restarted(supervise: MakeSupervisor) -> None:
+    sup = await supervise(fake("hangs", "hang_health", env={"FAKE_HEALTHY_SECONDS": "0.5"}))
+    backend = sup.backends["hangs"]
+    proc = backend.process
+    assert proc is not None and backend.ready
+    old = proc.pid
+    assert await until(lambda: proc.restarts == 1, 10), backend.describe()
+    assert counter("gateway_backend_transitions_total", backend="hangs", runtime="llamacpp", state="unhealthy") >= 1
+    assert counter("gateway_backend_restarts_total", backend="hangs", runtime="llamacpp", cause="unhealthy") >= 1
+    assert "unhealthy: 2 health check(s) in a row failed" in (proc.last_exit or "")
+    assert await until(lambda: backend.ready, 5) and proc.pid != old
+
+
+async def test_a_busy_backend_gets_twice_the_misses(supervise: MakeSupervisor) -> None:
+    """With a request in flight, `health_failures` misses only take it out of routing; the restart
+    waits for twice as many."""
+    sup = await supervise(fake("busy", "hang_health", env={"FAKE_HEALTHY_SECONDS": "0.3"}))
+    backend = sup.backends["busy"]
+    proc = backend.process
+    assert proc is not None and backend.ready
+    backend.inflight = 1  # what the request path counts while a request runs
+    try:
+        assert await until(lambda: backend.state is State.UNHEALTHY, 5)
+        assert proc.restarts == 0 and not backend.ready
+        assert "in flight" in backend.reason
+        assert await until(lambda: proc.restarts == 1, 5)
+        assert "4 health check(s) in a row failed" in (proc.last_exit or "")
+    finally:
+        backend.inflight = 0
+
+
+async def test_a_probe_answered_503_is_not_a_miss(supervise: MakeSupervisor) -> None:
+    """A runtime that answers its health check 503 while busy (older llama.cpp: no free slot) is
+    alive: it stays ready and is never restarted for it."""
+    sup = await supervise(fake("saturated", "busy_health", env={"FAKE_HEALTHY_SECONDS": "0.8"}))
+    backend = sup.backends["saturated"]
+    proc = backend.process
+    assert proc is not None and backend.ready
+    await asyncio.sleep(1.0)
+    _, detail = await proc.probe(1.0)
+    assert detail == "health check answered 503"
+    await asyncio.sleep(1.5)  # 7 probe intervals
+    assert backend.ready and proc.restarts == 0
+
+
+# --- one-shot commands -------------------------------------------------------------------------
+
+
+class _WithSetup(LlamaCppAdapter):
+    def __init__(self, backend: Any, setup: list[list[str]]) -> None:
+        super().__init__(backend)
+        self._setup = setup
+
+    def version_command(self, backend: Any) -> Launch | None:
+        return Launch([sys.executable, "-c", "print('fake-runtime version 1.2.3')"])
+
+    def setup_commands(self, backend: Any, base_url: str) -> list[Launch]:
+        return [Launch([*argv, base_url]) for argv in self._setup]
+
+
+async def test_version_and_setup_output_is_kept_in_the_log(supervise: MakeSupervisor) -> None:
+    sup = await supervise(fake("setup"), start=False)
+    backend = sup.backends["setup"]
+    script = "import sys; print('pulling manifest'); print('success', sys.argv[1], flush=True)"
+    backend.adapter = _WithSetup(backend.config, [[sys.executable, "-c", script]])
+    await sup.start()
+    assert backend.ready
+    text = log_text(backend)
+    assert "fake-runtime version 1.2.3" in text
+    assert text.index("fake-runtime version 1.2.3") < text.index("[gateway] starting on port")
+    assert text.index("pulling manifest") < text.index("[gateway] starting -> ready")
+    assert f"success http://127.0.0.1:{backend.process.port}" in text  # type: ignore[union-attr]
+    assert "[gateway] setup exited with status 0" in text
+
+
+async def test_a_stop_cancels_a_running_setup_command(supervise: MakeSupervisor,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.supervisor.supervisor.EAGER_WAIT", 1.0)  # start-up does not wait for the pull
+    sup = await supervise(fake("pulling"), start=False)
+    backend = sup.backends["pulling"]
+    token = f"setup-sleeper-{os.getpid()}-{time.monotonic_ns()}"
+    backend.adapter = _WithSetup(backend.config, [[sys.executable, "-c", "import time; time.sleep(60)", token]])
+    await sup.start()
+    assert backend.state is State.STARTING and "setup" in backend.reason
+
+    def sleepers() -> list[int]:
+        return [p for p in descendants(os.getpid()) if token in _cmdline(p)]
+
+    assert await until(lambda: bool(sleepers()), 5)
+    started = time.monotonic()
+    await sup.operate(backend, "stop")
+    assert time.monotonic() - started < 3
+    assert await until(lambda: not sleepers(), 8), "the setup command outlived the stop"
+    assert "[gateway] setup: cancelled" in log_text(backend)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
