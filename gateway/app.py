@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,9 +16,9 @@ from litestar.exceptions import HTTPException
 
 from gateway import metrics
 from gateway.admission import open_admission
-from gateway.api import admin_backends, admin_keys, health, v1
+from gateway.api import admin, admin_backends, admin_keys, health, v1
 from gateway.auth import KeyCache
-from gateway.config import Config
+from gateway.config import Config, ConfigError, load
 from gateway.errors import (
     BodyTooLarge,
     GatewayError,
@@ -36,11 +38,22 @@ from gateway.usage import UsageRecorder
 log = logging.getLogger("gateway")
 
 
+# Sections a reload may change; the others (listening address, stores, keys' rules) need a restart.
+RELOADABLE = ("backends", "models", "routing", "limits", "metrics")
+
+
+class ReloadRefused(InvalidRequest):
+    code = "reload_refused"
+
+
 class Gateway:
     """The services one gateway process holds; handlers reach them through `app.state.gateway`."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: str | None = None, file_config: Config | None = None) -> None:
         self.config = config
+        self.config_path = config_path
+        self._file_config = file_config or config  # as written, before --host/--port
+        self._reload_lock = asyncio.Lock()
         self.started = int(time.time())
         self.redis = _redis_client(config.store.url) if config.store.url else None
         self.store = open_store(config, self.redis)
@@ -78,7 +91,48 @@ class Gateway:
             stack.push_async_callback(self.supervisor.stop)
             await self.loads.start()
             stack.push_async_callback(self.loads.stop)
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+            stack.callback(loop.remove_signal_handler, signal.SIGHUP)
             yield
+
+    def _reload_on_signal(self) -> None:
+        async def run() -> None:
+            try:
+                summary = await self.reload()
+                log.info("config reloaded on SIGHUP: %s", summary)
+            except GatewayError as exc:
+                log.error("config reload on SIGHUP refused, nothing changed: %s", exc.message)
+
+        task = asyncio.ensure_future(run())
+        self._reload_task = task  # keep a reference until it ends
+
+    async def reload(self) -> dict[str, object]:
+        """Re-read the config file and apply what changed; all or nothing."""
+        if not self.config_path:
+            raise ReloadRefused("This gateway was started without a config file, so there is nothing to re-read.")
+        async with self._reload_lock:
+            try:
+                new = load(self.config_path)
+            except ConfigError as exc:
+                raise ReloadRefused("The config file is invalid; nothing changed: " + "; ".join(exc.problems)) from None
+            old = self._file_config
+            assert old is not None
+            fixed = [name for name in Config.model_fields if name not in (*RELOADABLE, "queue")
+                     and getattr(new, name) != getattr(old, name)]
+            if new.queue.model_copy(update={"max_wait": old.queue.max_wait}) != old.queue:
+                fixed.append("queue (all but max_wait)")
+            if fixed:
+                raise ReloadRefused(f"Changed sections need a restart: {', '.join(sorted(set(fixed)))}; nothing changed.")
+            summary = await self.supervisor.apply(new)
+            self._file_config = new
+            self.config = new.model_copy(update={"server": self.config.server})
+            self.models = ModelTable(self.supervisor.backends.values(), new.models.aliases)
+            self.loads.replace(self.supervisor.backends.values())
+            self.keys.set_defaults(new.limits.default)
+            for backend in new.backends:
+                metrics.backend_slots.labels(backend.name).set(backend.slots)
+            return {"reloaded": True, **summary}
 
 
 def _redis_client(url: str):  # type: ignore[no-untyped-def]
@@ -118,10 +172,10 @@ def _as_gateway_error(exc: Exception) -> GatewayError:
     return InternalError("The gateway failed to handle this request; the operator's log has the details.")
 
 
-def create_app(config: Config) -> Litestar:
-    gateway = Gateway(config)
+def create_app(config: Config, config_path: str | None = None, file_config: Config | None = None) -> Litestar:
+    gateway = Gateway(config, config_path, file_config)
     app = Litestar(
-        route_handlers=[*v1.ROUTES, *health.ROUTES, *admin_keys.ROUTES, *admin_backends.ROUTES],
+        route_handlers=[*v1.ROUTES, *health.ROUTES, *admin.ROUTES, *admin_keys.ROUTES, *admin_backends.ROUTES],
         lifespan=[gateway.lifespan],
         exception_handlers={Exception: _render},
         # Bodies over the bound are refused from Content-Length alone, or as soon as the bytes

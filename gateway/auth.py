@@ -68,10 +68,14 @@ class KeyCache:
     def __init__(self, store: Store, auth: AuthConfig, defaults: LimitValues) -> None:
         self._store = store
         self._required = auth.required
-        self._defaults = defaults
         self._by_hash: dict[str, ApiKey] = {}
         self._by_id: dict[str, ApiKey] = {}
         self._task: asyncio.Task[None] | None = None
+        self.set_defaults(defaults)
+
+    def set_defaults(self, defaults: LimitValues) -> None:
+        """Limits for keys that set none (a config reload may change them)."""
+        self._defaults = defaults
         self._anonymous = Principal("anonymous", None, defaults.rpm, defaults.tpm, defaults.max_concurrency, 0)
 
     async def start(self) -> None:

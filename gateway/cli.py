@@ -28,7 +28,7 @@ def _load_or_exit(path: str | None) -> Config:
 
 
 def serve(args: argparse.Namespace) -> None:
-    config = _load_or_exit(args.config)
+    config = file_config = _load_or_exit(args.config)
     server = config.server.model_copy(update={
         k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None
     })
@@ -46,7 +46,7 @@ def serve(args: argparse.Namespace) -> None:
     from gateway.app import create_app
 
     uvicorn.run(
-        create_app(config),
+        create_app(config, args.config or os.environ.get("GATEWAY_CONFIG"), file_config),
         host=server.host,
         port=server.port,
         loop="uvloop",

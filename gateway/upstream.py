@@ -105,7 +105,8 @@ async def relay_stream(resp: aiohttp.ClientResponse, adapter: Adapter, endpoint:
 
     Usage is always asked of the runtime; wherever it arrives (on the finish chunk, or in a
     `choices: []` chunk) it is taken out, and sent as one final chunk only if the client asked.
-    An upstream failure after the first byte ends the stream with an error event: never retried,
+    A failure before the first chunk is raised, so the caller may still answer with an error
+    status or try another backend; after it, the stream ends with an error event: never retried,
     never a hang. A client that goes away cancels this generator, which closes the upstream
     connection, which stops the generation.
     """
@@ -139,17 +140,16 @@ async def relay_stream(resp: aiohttp.ClientResponse, adapter: Adapter, endpoint:
             }))
         outcome.finished = True
         yield DONE
-    except UpstreamError as exc:
-        metrics.upstream_errors.labels(backend, "stream").inc()
-        outcome.error = exc
-        yield sse(encode(exc.body()))
-        yield DONE
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+    except (UpstreamError, aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "stream"
         metrics.upstream_errors.labels(backend, kind).inc()
-        outcome.error = (UpstreamTimeout("The backend did not finish the stream in time.") if kind == "timeout"
-                         else BackendUnavailable(f"The backend failed mid-stream ({type(exc).__name__})."))
-        yield sse(encode(outcome.error.body()))
+        error = exc if isinstance(exc, UpstreamError) else (
+            UpstreamTimeout("The backend did not finish the stream in time.") if kind == "timeout"
+            else BackendUnavailable(f"The backend failed mid-stream ({type(exc).__name__})."))
+        if outcome.chunks == 0:
+            raise error from None
+        outcome.error = error
+        yield sse(encode(error.body()))
         yield DONE
     finally:
         # Closing (not releasing) an unfinished response drops the connection, which is how the

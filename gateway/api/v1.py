@@ -96,6 +96,7 @@ async def _forward(gateway: Gateway, call: Call, lease: Lease, backends: Sequenc
     headers = {"x-request-id": call.request_id, **lease.usage.headers()}
     override = gateway.config.models.overrides.get(route.served)
     timeout = override.request_timeout if override is not None else None
+    streaming = bool(body.get("stream")) and endpoint != "embeddings"
     tried: list[str] = []
     while True:
         if not backend.ready:
@@ -108,6 +109,14 @@ async def _forward(gateway: Gateway, call: Call, lease: Lease, backends: Sequenc
         try:
             resp = await gateway.upstream.send(backend.url, backend.adapter, upstream_request, backend=backend.name,
                                                headers=_upstream_headers(backend, call.request_id), timeout=timeout)
+            if streaming:
+                outcome = StreamOutcome()
+                chunks = relay_stream(resp, backend.adapter, endpoint, public_model=route.public,
+                                      include_usage=wants_usage(body), backend=backend.name, outcome=outcome)
+                # The first chunk is read here, so a backend that fails before it is still retried.
+                first = await anext(chunks)
+            else:
+                data = backend.adapter.response(endpoint, await gateway.upstream.read(resp, backend.name), body)
             gateway.cooldowns.succeeded(backend.name)
             break
         except GatewayError as exc:
@@ -122,19 +131,23 @@ async def _forward(gateway: Gateway, call: Call, lease: Lease, backends: Sequenc
                 raise
             backend = by_name[await lease.move([Slot(b.name, b.config.slots) for b in others])]
 
-    if body.get("stream") and endpoint != "embeddings":
-        outcome = StreamOutcome()
-        chunks = relay_stream(resp, backend.adapter, endpoint, public_model=route.public,
-                              include_usage=wants_usage(body), backend=backend.name, outcome=outcome)
+    if streaming:
         # The background task is a safety net: if the client leaves before the stream's first
         # step runs, the generator never starts and its `finally` never runs.
-        return Stream(_settled_stream(chunks, call, outcome), media_type="text/event-stream",
+        return Stream(_settled_stream(_prepend(first, chunks), call, outcome), media_type="text/event-stream",
                       headers={**SSE_HEADERS, **headers}, background=BackgroundTask(call.abandon, resp))
-    raw = await gateway.upstream.read(resp, backend.name)
-    data = backend.adapter.response(endpoint, raw, body)
     data["model"] = route.public
     await call.finish(200, data.get("usage"))
     return Response(encode(data), media_type=JSON, headers=headers)
+
+
+async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        yield first
+        async for piece in rest:
+            yield piece
+    finally:
+        await rest.aclose()  # closes the upstream response if the client left early
 
 
 def _retryable(exc: GatewayError) -> bool:

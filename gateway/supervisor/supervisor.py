@@ -140,33 +140,83 @@ class Supervisor:
     async def start(self) -> None:
         # Health probes get their own small pool: a probe never queues behind user traffic.
         self._probes = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16, force_close=True))
-        eager: list[Backend] = []
+        pending: list[asyncio.Future[Any]] = []
         groups_started: set[str] = set()
-        first_probes = []
         for backend in self.backends.values():
-            if not backend.managed:
-                first_probes.append(self._probe_attached(backend))
-                self._spawn(self._watch_attached(backend), f"{backend.name}-attached")
-                continue
-            backend.process = self._process_for(backend)
-            backend.process.run()
-            for state in State:  # the gauges start at `stopped`; that is no transition
-                metrics.backend_state.labels(backend.name, backend.config.runtime, state.value).set(
-                    1 if state is State.STOPPED else 0)
-            metrics.backend_ready.labels(backend.name, backend.config.runtime).set(0)
             group = backend.config.group
-            if backend.config.start == "eager" and (group is None or group not in groups_started):
-                eager.append(backend)
-                if group is not None:
-                    groups_started.add(group)
+            eager = backend.config.start == "eager" and (group is None or group not in groups_started)
+            if eager and group is not None:
+                groups_started.add(group)
+            pending += self._adopt(backend, eager=eager)
         if any(b.config.idle_ttl for b in self.backends.values()):
             self._spawn(self._idle_stopper(), "idle-stopper")
-        pending = [self._spawn(self._first_start(b), f"{b.name}-first-start") for b in eager]
-        pending += [asyncio.ensure_future(probe) for probe in first_probes]
         if pending:
             # Most runtimes are ready in seconds, and /ready is exact from the first request on; a
             # big model still loading must not keep /health (the orchestrator's liveness) silent.
             await asyncio.wait(pending, timeout=EAGER_WAIT)
+
+    def _adopt(self, backend: Backend, *, eager: bool) -> list[asyncio.Future[Any]]:
+        """Begin watching (attached) or owning (managed) one backend; returns what to wait for."""
+        if not backend.managed:
+            self._spawn(self._watch_attached(backend), f"{backend.name}-attached")
+            return [asyncio.ensure_future(self._probe_attached(backend))]
+        backend.process = self._process_for(backend)
+        backend.process.run()
+        for state in State:  # the gauges start at `stopped`; that is no transition
+            metrics.backend_state.labels(backend.name, backend.config.runtime, state.value).set(
+                1 if state is State.STOPPED else 0)
+        metrics.backend_ready.labels(backend.name, backend.config.runtime).set(0)
+        return [self._spawn(self._first_start(backend), f"{backend.name}-first-start")] if eager else []
+
+    async def apply(self, config: Config) -> dict[str, list[str]]:
+        """Hot reload: unchanged backends keep running; removed ones leave routing at once, drain
+        and stop; new ones start; a changed one drains and stops, then its new self starts (one
+        at a time, so a GPU never holds both copies)."""
+        wanted = {b.name: b for b in config.backends}
+        current = self.backends
+        summary: dict[str, list[str]] = {
+            "added": [n for n in wanted if n not in current],
+            "removed": [n for n in current if n not in wanted],
+            "changed": [n for n in current if n in wanted and wanted[n] != current[n].config],
+            "unchanged": [n for n in current if n in wanted and wanted[n] == current[n].config],
+        }
+        log_dir = Path(config.data_dir) / "logs"
+        retiring: dict[str, asyncio.Task[None]] = {}
+        for name in summary["removed"] + summary["changed"]:
+            retiring[name] = self._spawn(self._retire(current.pop(name)), f"{name}-retire")
+        for name in summary["added"] + summary["changed"]:
+            backend_config = wanted[name]
+            backend = Backend(backend_config, for_runtime(backend_config.runtime, backend_config),
+                              BackendLog(name, log_dir))
+            self.backends[name] = backend
+            self._spawn(self._join(backend, retiring.get(name)), f"{name}-join")
+        self.backends = {name: self.backends[name] for name in wanted}  # the config's order
+        if any(b.config.idle_ttl for b in self.backends.values()) and not any(
+                t.get_name() == "idle-stopper" for t in self._tasks):
+            self._spawn(self._idle_stopper(), "idle-stopper")
+        self._pulse()
+        return summary
+
+    async def _retire(self, backend: Backend) -> None:
+        for task in [t for t in self._tasks if t.get_name() == f"{backend.name}-attached"]:
+            task.cancel()
+        if backend.process is not None:
+            # Bounded by the requests' own timeout (server.request_timeout).
+            while backend.inflight > 0:
+                await asyncio.sleep(DRAIN_POLL)
+            await backend.process.close(timeout=backend.config.stop_timeout + KEEPER_MARGIN + 2)
+        backend.log.close()
+        metrics.backend_ready.labels(backend.name, backend.config.runtime).set(0)
+
+    async def _join(self, backend: Backend, predecessor: asyncio.Task[None] | None) -> None:
+        if predecessor is not None:
+            await asyncio.gather(predecessor, return_exceptions=True)
+        # An eager newcomer to an exclusive group waits for a request if a peer holds the GPU.
+        busy_group = any(m.state is not State.STOPPED for m in self._members(backend) if m is not backend
+                         and m.process is not None)
+        pending = self._adopt(backend, eager=backend.config.start == "eager" and not busy_group)
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def stop(self) -> None:
         self._closing = True
