@@ -7,6 +7,9 @@ registry is exact; scale out with more replicas, each scraped on its own.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -92,6 +95,13 @@ def backend_transition(backend: str, runtime: str, old: str, new: str) -> None:
         backend_state.labels(backend, runtime, state).set(1 if state == new else 0)
     backend_ready.labels(backend, runtime).set(1 if new == "ready" else 0)
     backend_transitions.labels(backend, runtime, new).inc()
+
+
+@functools.lru_cache(maxsize=16384)
+def child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, cached: the request path asks for the same few series on every
+    request, and label values are bounded (config names, status classes), so the cache is too."""
+    return metric.labels(*labels)
 
 
 def status_class(status: int) -> str:

@@ -35,7 +35,8 @@ class Upstream:
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True),
             timeout=self._timeout,
             auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
+            # Headers no runtime reads; leaving them out saves work on every request.
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
         )
 
     async def close(self) -> None:

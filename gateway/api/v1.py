@@ -10,10 +10,11 @@ another ready backend of the same model; after the first byte nothing is retried
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -173,10 +174,10 @@ async def _settled_stream(chunks: AsyncIterator[bytes], call: Call, outcome: Str
         status = outcome.error.status if outcome.error else (200 if outcome.finished else 499)
         if outcome.first_chunk_at is not None:
             model = call.model
-            metrics.time_to_first_token.labels(model).observe(outcome.first_chunk_at - call.started)
+            metrics.child(metrics.time_to_first_token, model).observe(outcome.first_chunk_at - call.started)
             if outcome.chunks > 1:
                 gap = (time.perf_counter() - outcome.first_chunk_at) / (outcome.chunks - 1)
-                metrics.inter_token_latency.labels(model).observe(gap)
+                metrics.child(metrics.inter_token_latency, model).observe(gap)
         await call.finish(status, outcome.usage)
 
 
@@ -203,19 +204,19 @@ class Call:
         self.backend = backend
         backend.last_used = time.monotonic()
         backend.inflight += 1
-        metrics.inflight.labels(backend.name).inc()
+        metrics.child(metrics.inflight, backend.name).inc()
 
     def attempt_failed(self) -> None:
         backend = self.backend
         assert backend is not None
         self._leave(backend)
-        metrics.requests_total.labels(self.model, backend.name, self.endpoint, "5xx").inc()
+        metrics.child(metrics.requests_total, self.model, backend.name, self.endpoint, "5xx").inc()
         self.backend = None
 
     def _leave(self, backend: Backend) -> None:
         backend.last_used = time.monotonic()
         backend.inflight -= 1
-        metrics.inflight.labels(backend.name).dec()
+        metrics.child(metrics.inflight, backend.name).dec()
 
     async def abandon(self, resp: Any) -> None:
         if not self.finished:
@@ -232,13 +233,13 @@ class Call:
         if self.backend is not None:
             self._leave(self.backend)
         status_class = metrics.status_class(status)
-        metrics.requests_total.labels(model, backend_name, self.endpoint, status_class).inc()
-        metrics.request_duration.labels(model, self.endpoint).observe(time.perf_counter() - self.started)
+        metrics.child(metrics.requests_total, model, backend_name, self.endpoint, status_class).inc()
+        metrics.child(metrics.request_duration, model, self.endpoint).observe(time.perf_counter() - self.started)
         prompt = int(usage.get("prompt_tokens") or 0) if usage else 0
         completion = int(usage.get("completion_tokens") or 0) if usage else 0
         if usage:
-            metrics.prompt_tokens.labels(model).inc(prompt)
-            metrics.completion_tokens.labels(model).inc(completion)
+            metrics.child(metrics.prompt_tokens, model).inc(prompt)
+            metrics.child(metrics.completion_tokens, model).inc(completion)
         self.gateway.usage.add(self.key_id, route.served, prompt_tokens=prompt, completion_tokens=completion,
                                error=status >= 400)
         if status >= 500 or log.isEnabledFor(logging.DEBUG):
@@ -284,9 +285,14 @@ async def _disconnect(request: Request[Any, Any, Any]) -> None:
         pass
 
 
+# Random per process, then a counter: unique across replicas without a system call per request.
+_ID_PREFIX = "req_" + secrets.token_hex(6)
+_ids = itertools.count(1)
+
+
 def _request_id(request: Request[Any, Any, Any]) -> str:
     given = request.headers.get("x-request-id")
-    return given if given and _REQUEST_ID.match(given) else "req_" + uuid.uuid4().hex
+    return given if given and _REQUEST_ID.match(given) else f"{_ID_PREFIX}{next(_ids):x}"
 
 
 def _upstream_headers(backend: Backend, request_id: str) -> dict[str, str]:
