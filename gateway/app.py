@@ -64,6 +64,7 @@ class Gateway:
         self.models = ModelTable(self.supervisor.backends.values(), config.models.aliases)
         routing = config.routing
         self.cooldowns = Cooldowns(routing.cooldown_failures, routing.cooldown_window, routing.cooldown)
+        self.supervisor.on_ready.append(self.cooldowns.reset)
         self.loads = LoadWatch(self.supervisor.backends.values(), routing.load_interval)
         self.affinity_header = routing.affinity_header.lower() if routing.affinity_header else None
         for backend in config.backends:

@@ -85,6 +85,11 @@ class Cooldowns:
     def succeeded(self, backend: str) -> None:
         self._recent.pop(backend, None)
 
+    def reset(self, backend: str) -> None:
+        """A backend that (re)became ready starts with a clean slate."""
+        self._recent.pop(backend, None)
+        self._until.pop(backend, None)
+
     def cooling(self, backend: str) -> bool:
         until = self._until.get(backend)
         if until is None:

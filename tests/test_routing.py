@@ -118,3 +118,11 @@ def test_failures_outside_the_window_do_not_add_up() -> None:
     cooldowns.succeeded("a")
     cooldowns.failed("a")
     assert not cooldowns.cooling("a")
+
+
+def test_reset_ends_a_cooldown() -> None:
+    cooldowns = Cooldowns(failures=1, window=10, cooldown=30)
+    cooldowns.failed("a")
+    assert cooldowns.cooling("a")
+    cooldowns.reset("a")
+    assert not cooldowns.cooling("a")

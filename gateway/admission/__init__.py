@@ -10,8 +10,14 @@ from gateway.config import Config
 
 
 def open_admission(config: Config, redis_client: Any = None) -> Admission:
-    # TODO(lead, this session): RedisAdmission for store.url; memory until it lands.
-    return MemoryAdmission(max_depth=config.queue.max_depth)
+    """One Redis for every replica when the store is Redis; otherwise in this process."""
+    queue = config.queue
+    if config.store.url and redis_client is not None:
+        from gateway.admission.redis import RedisAdmission
+
+        return RedisAdmission(redis_client, max_depth=queue.max_depth, lease_ttl=queue.lease_ttl,
+                              failure_mode=queue.redis_failure, replicas=queue.replicas)
+    return MemoryAdmission(max_depth=queue.max_depth)
 
 
 __all__ = ["Admission", "Lease", "Limits", "MemoryAdmission", "Slot", "Ticket", "Usage", "open_admission"]

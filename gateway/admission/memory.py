@@ -49,19 +49,28 @@ class _Waiter:
         return self.order < other.order
 
 
+@dataclass(eq=False)
+class _Mover:
+    """A lease failing over, waiting for a slot on another backend (keeps its current one meanwhile)."""
+
+    lease: MemoryLease
+    backends: list[Slot]
+    future: asyncio.Future[str]
+
+
 class MemoryLease(Lease):
     def __init__(self, owner: MemoryAdmission, key_id: str, lease_id: int, backend: str, usage: Usage,
-                 waited: float) -> None:
+                 waited: float, max_wait: float = 0.0) -> None:
         super().__init__(backend=backend, usage=usage, waited=waited)
         self._owner, self._key_id, self._id = owner, key_id, lease_id
+        self._max_wait = max_wait  # how long a failover may wait for a slot
         self._released = False
 
     async def settle(self, tokens: int) -> None:
         self._owner._settle(self._key_id, self._id, tokens)
 
     async def move(self, backends: Sequence[Slot]) -> str:
-        self.backend = self._owner._move(self.backend, backends)
-        return self.backend
+        return await self._owner._move(self, backends)
 
     async def release(self) -> None:
         if not self._released:
@@ -82,19 +91,20 @@ class MemoryAdmission(Admission):
         self._keys: dict[str, _Key] = defaultdict(_Key)
         self._used: dict[str, int] = defaultdict(int)  # backend -> slots taken
         self._waiting = 0
+        self._movers: list[_Mover] = []  # failovers waiting for a slot: served before new requests
         self._vnow = 0.0
         self._ids = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
 
     # --- the request's side ------------------------------------------------------------------
 
+    async def start(self) -> None:
+        show_mode("memory", redis_up=None)
+
     async def acquire(self, ticket: Ticket, disconnected: Disconnected | None = None) -> Lease:
         limits = self._scaled(ticket)
         if limits.tpm is not None and ticket.cost > limits.tpm:
-            metrics.rate_limited.labels(ticket.model, "too_large").inc()
-            raise RateLimited(
-                f"This request needs about {ticket.cost} tokens, more than the key's limit of {limits.tpm} "
-                "tokens per minute; lower max_tokens or ask for a higher limit.", retry_after=self._window)
+            raise too_large(ticket, limits.tpm, self._window)
         now = self._clock()
         key = self._keys[ticket.key_id]
         if self._waiting == 0:  # nobody queued: the common, uncontended case
@@ -121,7 +131,10 @@ class MemoryAdmission(Admission):
             return lease
         except asyncio.TimeoutError:
             metrics.queue_wait.labels(ticket.model, "timeout").observe(self._clock() - now)
-            raise self._refusal(ticket, key, waiter.blocked, self._clock(), timed_out=True) from None
+            # What holds it now: only the head of a key's queue has its `blocked` kept current.
+            now = self._clock()
+            reason = self._blocked(key, ticket, now) or waiter.blocked
+            raise self._refusal(ticket, key, reason, now, timed_out=True) from None
         finally:
             if waiter in key.queue:
                 key.queue.remove(waiter)
@@ -179,7 +192,9 @@ class MemoryAdmission(Admission):
     def _free_slot(self, backends: Sequence[Slot]) -> str | None:
         best, best_load = None, 1.0
         for slot in backends:
-            load = self._used[slot.backend] / slot.slots
+            # A replica in `local` fallback keeps to its share of each backend too.
+            capacity = slot.slots if self._share >= 1.0 else max(1, int(slot.slots * self._share))
+            load = self._used[slot.backend] / capacity
             if load < best_load:
                 best, best_load = slot.backend, load
         return best
@@ -194,11 +209,18 @@ class MemoryAdmission(Admission):
         start = max(key.vtime, self._vnow)
         self._vnow = start
         key.vtime = start + max(ticket.cost, 1)
-        return MemoryLease(self, ticket.key_id, lease_id, backend, self._usage(key, ticket, now), waited)
+        return MemoryLease(self, ticket.key_id, lease_id, backend, self._usage(key, ticket, now), waited,
+                           ticket.max_wait)
 
     def _dispatch(self) -> None:
         """Grant every waiter that can run now, fairest first; then set a timer for the moment
-        a rate window will let the next one in."""
+        a rate window will let the next one in. Failovers first: they were admitted already."""
+        for mover in list(self._movers):
+            backend = self._free_slot(mover.backends)
+            if backend is not None:
+                self._movers.remove(mover)
+                self._swap(mover.lease, backend)
+                mover.future.set_result(backend)
         now = self._clock()
         while True:
             granted = False
@@ -261,23 +283,8 @@ class MemoryAdmission(Admission):
         return 1.0
 
     def _refusal(self, ticket: Ticket, key: _Key, reason: str, now: float, timed_out: bool = False) -> Exception:
-        if reason == "capacity":
-            metrics.rate_limited.labels(ticket.model, "capacity").inc()
-            return BackendUnavailable(
-                f"Every backend for `{ticket.model}` is busy and the request waited its limit; try again shortly.",
-                headers={"retry-after": "1"})
-        label = "queue_timeout" if timed_out else reason
-        metrics.rate_limited.labels(ticket.model, label).inc()
-        usage = self._usage(key, ticket, now)
-        message = {
-            "queue_full": "The gateway's queue is full; try again shortly.",
-            "rpm": f"Rate limit reached: {usage.rpm} requests per minute for this key.",
-            "tpm": f"Rate limit reached: {usage.tpm} tokens per minute for this key.",
-            "concurrency": "Too many requests in flight for this key.",
-        }.get(reason, "Rate limit reached.")
-        if timed_out:
-            message += f" The request waited {ticket.max_wait:g}s in the queue."
-        return RateLimited(message, retry_after=self._retry_after(key, ticket, reason, now), headers=usage.headers())
+        usage = self._usage(key, ticket, now) if reason != "capacity" else Usage()
+        return refusal(ticket, reason, usage, self._retry_after(key, ticket, reason, now), timed_out=timed_out)
 
     # --- the lease's side ------------------------------------------------------------------
 
@@ -295,14 +302,70 @@ class MemoryAdmission(Admission):
                 break
         self._dispatch()
 
-    def _move(self, current: str, backends: Sequence[Slot]) -> str:
-        self._used[current] -= 1
-        backend = self._free_slot([b for b in backends if b.backend != current])
-        if backend is None:
-            self._used[current] += 1  # keep the slot until the lease is released
-            raise BackendUnavailable("No other backend has a free slot for this request.")
+    async def _move(self, lease: MemoryLease, backends: Sequence[Slot]) -> str:
+        """Failover: a free slot among `backends` at once, else wait for one (before any new
+        request) up to the request's max_wait, keeping the current slot meanwhile."""
+        others = [b for b in backends if b.backend != lease.backend]
+        backend = self._free_slot(others)
+        if backend is not None:
+            self._swap(lease, backend)
+            self._dispatch()
+            return backend
+        mover = _Mover(lease, others, asyncio.get_running_loop().create_future())
+        self._movers.append(mover)
+        try:
+            await asyncio.wait_for(asyncio.shield(mover.future), lease._max_wait)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            if mover in self._movers:
+                self._movers.remove(mover)
+        if mover.future.done():  # moved, possibly in the very instant the wait ran out
+            return lease.backend
+        raise BackendUnavailable("No other backend had a free slot for this request in time.")
+
+    def _swap(self, lease: MemoryLease, backend: str) -> None:
+        self._used[lease.backend] -= 1
         self._used[backend] += 1
-        self._dispatch()
-        return backend
+        lease.backend = backend
 
 
+# --- shared with the Redis implementation ------------------------------------------------------
+
+MODES = ("memory", "redis", "local", "fail_closed")
+
+
+def show_mode(mode: str, redis_up: bool | None) -> None:
+    """The admission mode in force, and whether the shared Redis answers, for the dashboards."""
+    for name in MODES:
+        metrics.admission_mode.labels(name).set(1 if name == mode else 0)
+    if redis_up is not None:
+        metrics.redis_up.set(1 if redis_up else 0)
+
+
+def too_large(ticket: Ticket, tpm: int, window: float) -> RateLimited:
+    metrics.rate_limited.labels(ticket.model, "too_large").inc()
+    return RateLimited(
+        f"This request needs about {ticket.cost} tokens, more than the key's limit of {tpm} "
+        "tokens per minute; lower max_tokens or ask for a higher limit.", retry_after=window)
+
+
+def refusal(ticket: Ticket, reason: str, usage: Usage, retry_after: float, *, timed_out: bool = False) -> Exception:
+    """The error for a request admission turns away: 503 when backends stayed busy, else 429
+    telling the real time until it could pass, with the key's x-ratelimit-* headers."""
+    if reason == "capacity":
+        metrics.rate_limited.labels(ticket.model, "capacity").inc()
+        return BackendUnavailable(
+            f"Every backend for `{ticket.model}` is busy and the request waited its limit; try again shortly.",
+            headers={"retry-after": "1"})
+    label = "queue_timeout" if timed_out else reason
+    metrics.rate_limited.labels(ticket.model, label).inc()
+    message = {
+        "queue_full": "The gateway's queue is full; try again shortly.",
+        "rpm": f"Rate limit reached: {usage.rpm} requests per minute for this key.",
+        "tpm": f"Rate limit reached: {usage.tpm} tokens per minute for this key.",
+        "concurrency": "Too many requests in flight for this key.",
+    }.get(reason, "Rate limit reached.")
+    if timed_out:
+        message += f" The request waited {ticket.max_wait:g}s in the queue."
+    return RateLimited(message, retry_after=retry_after, headers=usage.headers())

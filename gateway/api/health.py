@@ -24,12 +24,19 @@ async def health() -> Response[Any]:
 
 @get("/ready")
 async def ready(request: Request[Any, Any, Any]) -> Response[Any]:
-    """200 once at least one backend takes requests; otherwise 503 with every backend's reason."""
+    """200 once at least one backend takes requests; otherwise 503 with every backend's reason.
+    `admission` says how limits are enforced now: `memory` (one process), `redis` (shared by every
+    replica), or, while Redis is unreachable, its failure mode (`fail_closed` or `local`). A
+    degraded admission does not make the replica unready: it still answers, with 503s or with its
+    share of the limits, and taking every replica out of rotation would only turn those into
+    connection errors."""
     gateway: Gateway = request.app.state.gateway
     backends = {b.name: {"state": b.state.value, "reason": b.reason or None}
                 for b in gateway.supervisor.backends.values()}
-    is_ready = any(b.ready for b in gateway.supervisor.backends.values())
-    body = {"status": "ready" if is_ready else "not ready", "backends": backends}
+    # A stopped on-demand backend is no fault: the next request for it starts it.
+    is_ready = any(b.ready or b.startable for b in gateway.supervisor.backends.values())
+    body = {"status": "ready" if is_ready else "not ready", "backends": backends,
+            "admission": gateway.admission.describe()}
     return Response(encode(body), status_code=200 if is_ready else 503, media_type="application/json")
 
 

@@ -14,7 +14,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,8 @@ class Supervisor:
         self._changed = asyncio.Event()
         self._closing = False
         self._probes: aiohttp.ClientSession | None = None
+        # Called with a backend's name each time it becomes ready (e.g. routing forgets its failures).
+        self.on_ready: list[Callable[[str], None]] = []
         log_dir = Path(config.data_dir) / "logs"
         for backend_config in config.backends:
             self.backends[backend_config.name] = Backend(
@@ -245,6 +247,8 @@ class Supervisor:
             metrics.backend_transition(backend.name, backend.config.runtime, old.value, new.value)
             if new is State.READY:  # the idle clock starts when it can first be used
                 backend.last_used = max(backend.last_used, time.monotonic())
+                for listener in self.on_ready:
+                    listener(backend.name)
             self._pulse()
 
         return RuntimeProcess(backend.config, backend.adapter, backend.log, self._probes,
@@ -473,6 +477,9 @@ class Supervisor:
             log.info("backend %s (attached): %s -> %s%s", backend.name, backend.attached_state.value, new.value,
                      "" if new is State.READY else f" ({detail})")
             backend.attached_state = new
+            if new is State.READY:
+                for listener in self.on_ready:
+                    listener(backend.name)
             self._pulse()
         backend.attached_reason = "" if new is State.READY else detail
 

@@ -265,3 +265,38 @@ async def test_move_takes_a_slot_on_another_backend(make_admission: MakeAdmissio
         await admission.acquire(ticket(backends=((other, 1),), max_wait=0.2))
     await on_first.release()
     await lease.release()
+
+
+async def test_failover_waits_for_a_slot_ahead_of_new_requests(make_admission: MakeAdmission) -> None:
+    admission = await make_admission()
+    failing = await admission.acquire(ticket(backends=(("a", 1),)))
+    busy = await admission.acquire(ticket("k2", backends=(("b", 1),)))
+    newcomer = asyncio.create_task(admission.acquire(ticket("k3", backends=(("b", 1),), max_wait=5)))
+    await asyncio.sleep(0.1)
+    moving = asyncio.create_task(failing.move([Slot("b", 1)]))  # its backend died; b is full
+    await asyncio.sleep(0.2)
+    assert not moving.done()
+    await busy.release()
+    assert await asyncio.wait_for(moving, 2) == "b" and failing.backend == "b"
+    assert not newcomer.done()  # the failover was admitted already: it goes first
+    on_a = await admission.acquire(ticket(backends=(("a", 1),), max_wait=0.5))  # a's slot came back
+    await failing.release()
+    await (await asyncio.wait_for(newcomer, 2)).release()
+    await on_a.release()
+
+
+async def test_failover_without_a_slot_in_time_keeps_its_own(make_admission: MakeAdmission) -> None:
+    admission = await make_admission()
+    lease = await admission.acquire(ticket(backends=(("a", 1),), max_wait=0.3))
+    holder = await admission.acquire(ticket("k2", backends=(("b", 1),)))
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable):
+        await lease.move([Slot("b", 1)])
+    assert 0.25 < time.monotonic() - started < 2.0
+    assert lease.backend == "a"
+    with pytest.raises(BackendUnavailable):  # still held by the lease
+        await admission.acquire(ticket(backends=(("a", 1),), max_wait=0.1))
+    await lease.release()
+    await holder.release()
+    for name in ("a", "b"):
+        await (await admission.acquire(ticket(backends=((name, 1),), max_wait=0.5))).release()

@@ -1,0 +1,235 @@
+"""What only the Redis admission has: one round trip, replicas sharing limits, leases that expire
+when a replica dies, waiting without polling, a keyspace that empties itself, and the circuit
+breaker's two failure modes. In one process, several RedisAdmission objects play the replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway import metrics
+from gateway.admission import Limits, Slot, Ticket, keys
+from gateway.admission.redis import RedisAdmission
+from gateway.errors import BackendUnavailable, RateLimited
+from tests.conftest import RedisServer
+
+WINDOW = 1.5
+Make = Callable[..., Awaitable[RedisAdmission]]
+
+
+@pytest.fixture
+async def make(redis_url: str) -> AsyncIterator[Make]:
+    made: list[RedisAdmission] = []
+    clients: list[aioredis.Redis] = []
+
+    async def make(max_depth: int = 1000, lease_ttl: float = 5.0, **kwargs: Any) -> RedisAdmission:
+        client = aioredis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        clients.append(client)
+        admission = RedisAdmission(client, max_depth=max_depth, window=WINDOW, lease_ttl=lease_ttl, **kwargs)
+        await admission.start()
+        made.append(admission)
+        return admission
+
+    yield make
+    for admission in made:
+        await admission.stop()
+    for client in clients:
+        await client.aclose()
+
+
+def ticket(key: str = "k1", *, backends: tuple[tuple[str, int], ...] = (("b1", 4),), cost: int = 10,
+           max_wait: float = 5.0, **limits: int) -> Ticket:
+    return Ticket(key_id=key, limits=Limits(**limits), model="m", backends=[Slot(b, n) for b, n in backends],
+                  cost=cost, max_wait=max_wait)
+
+
+def count_commands(admission: RedisAdmission) -> list[str]:
+    """Every command the admission sends on its (non-blocking) client from now on."""
+    sent: list[str] = []
+    client = admission._redis
+    original = client.execute_command
+
+    async def counting(*args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]))
+        return await original(*args, **options)
+
+    client.execute_command = counting  # type: ignore[method-assign]
+    return sent
+
+
+async def adm_keys(redis_url: str) -> dict[str, int]:
+    """gw:adm:* key -> its TTL in ms."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        return {k.decode(): await client.pttl(k) async for k in client.scan_iter(keys.PREFIX + "*")}
+    finally:
+        await client.aclose()
+
+
+async def test_uncontended_admission_is_one_round_trip(make: Make) -> None:
+    admission = await make(lease_ttl=30)
+    sent = count_commands(admission)
+    lease = await admission.acquire(ticket(rpm=100, tpm=10_000, max_concurrency=5))
+    assert sent == ["EVALSHA"]
+    assert lease.usage.rpm_remaining == 99 and lease.usage.tpm_remaining == 10_000 - 10
+    await lease.release()
+
+
+async def test_replicas_share_limits_and_grants_reach_the_other_replica(make: Make) -> None:
+    one, two = await make(), await make()
+    assert one.replica != two.replica
+    first = await one.acquire(ticket(rpm=3))
+    second = await two.acquire(ticket(rpm=3))
+    assert second.usage.rpm_remaining == 1  # the window is one, in Redis
+    holder = await one.acquire(ticket(backends=(("b2", 1),)))
+    waiting = asyncio.create_task(two.acquire(ticket("k2", backends=(("b2", 1),))))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    released = time.monotonic()
+    await holder.release()  # one's dispatch grants two's waiter: through two's notify list
+    lease = await asyncio.wait_for(waiting, 2)
+    assert time.monotonic() - released < 0.5
+    third = await one.acquire(ticket(rpm=3, max_wait=0.1))
+    with pytest.raises(RateLimited):
+        await two.acquire(ticket(rpm=3, max_wait=0.1))
+    for each in (first, second, third, lease):
+        await each.release()
+
+
+async def test_a_dead_replicas_slots_and_entries_expire_within_the_ttl(make: Make) -> None:
+    ttl = 1.5
+    dead, alive = await make(lease_ttl=ttl), await make(lease_ttl=ttl)
+    await dead.acquire(ticket(backends=(("b1", 2),)))
+    await dead.acquire(ticket(backends=(("b1", 2),)))
+    queued = asyncio.create_task(dead.acquire(ticket(backends=(("b1", 2),), max_wait=30)))
+    await asyncio.sleep(0.1)
+    for task in dead._loops:  # SIGKILL, as far as Redis can tell: nothing is renewed or released again
+        task.cancel()
+    killed = time.monotonic()
+    waiter = asyncio.create_task(alive.acquire(ticket("k2", backends=(("b1", 2),), max_wait=30)))
+    lease = await asyncio.wait_for(waiter, ttl + 2)
+    assert time.monotonic() - killed <= ttl + 0.5
+    assert lease.waited >= ttl * 0.5  # it did wait for the dead replica's leases
+    queued.cancel()
+    await lease.release()
+
+
+async def test_waiting_is_not_polling(make: Make) -> None:
+    """A waiter held for seconds costs a handful of calls: the timer wakes at the window's edge."""
+    admission = await make(lease_ttl=30)
+    await (await admission.acquire(ticket(rpm=1))).release()
+    sent = count_commands(admission)
+    started = time.monotonic()
+    lease = await admission.acquire(ticket(rpm=1, max_wait=5))
+    assert WINDOW * 0.9 <= time.monotonic() - started < WINDOW + 0.5
+    assert len(sent) <= 3, sent  # acquire (queued), the timer's dispatch (granted); never a loop
+    await lease.release()
+
+
+async def test_nothing_is_left_in_redis(make: Make, redis_url: str) -> None:
+    ttl = 1.0
+    one, two = await make(lease_ttl=ttl, max_depth=50), await make(lease_ttl=ttl, max_depth=50)
+
+    async def use(admission: RedisAdmission, i: int) -> None:
+        try:
+            lease = await admission.acquire(ticket(f"k{i % 3}", backends=(("b1", 2), ("b2", 1)), max_wait=0.3 + i % 2,
+                                                   rpm=30, tpm=2000, max_concurrency=2))
+        except (RateLimited, BackendUnavailable):
+            return
+        await asyncio.sleep(0.01)
+        await lease.settle(i % 20)
+        await lease.release()
+
+    tasks = [asyncio.create_task(use(one if i % 2 else two, i)) for i in range(80)]
+    await asyncio.sleep(0.05)
+    tasks[-1].cancel()  # a cancel in the middle of it all
+    await asyncio.gather(*tasks, return_exceptions=True)
+    left = await adm_keys(redis_url)
+    lasting = {k for k in left if k.split(":")[2] not in ("log", "cost", "vt", "vnow")}
+    assert not lasting, lasting  # no slot, queue entry or notification outlives its request
+    assert all(0 < ms <= (WINDOW + 1) * 1000 for ms in left.values()), left
+    await asyncio.sleep(ttl + 0.2)
+    assert {k.split(":")[2] for k in await adm_keys(redis_url)} <= {"log", "cost"}
+    await asyncio.sleep(WINDOW + 1)
+    assert await adm_keys(redis_url) == {}
+
+
+async def test_the_rate_log_keeps_an_exact_token_sum(make: Make, redis_url: str) -> None:
+    admission = await make()
+    leases = [await admission.acquire(ticket(cost=100, tpm=1000)) for _ in range(3)]
+    await leases[0].settle(40)
+    await leases[1].settle(250)
+    client = aioredis.Redis.from_url(redis_url)
+    cost = keys.key(keys.COST, "k1")
+    assert int(await client.hget(cost, "=sum")) == 40 + 250 + 100
+    await asyncio.sleep(WINDOW + 0.1)
+    fresh = await admission.acquire(ticket(cost=7, tpm=1000))  # the window trims all three, exactly
+    assert int(await client.hget(cost, "=sum")) == 7 and fresh.usage.tpm_remaining == 993
+    await client.aclose()
+    for lease in (*leases, fresh):
+        await lease.release()
+
+
+async def test_fail_closed_refuses_at_once_and_recovers(make: Make, redis_server: RedisServer) -> None:
+    admission = await make(probe_interval=0.5)
+    await (await admission.acquire(ticket())).release()
+    held = await admission.acquire(ticket(backends=(("b1", 1),)))
+    queued = asyncio.create_task(admission.acquire(ticket(backends=(("b1", 1),), max_wait=30)))
+    await asyncio.sleep(0.1)
+    redis_server.kill()
+    try:
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable):  # a waiter does not wait on a dead Redis either
+            await asyncio.wait_for(queued, 3)
+        assert time.monotonic() - started < 1.0
+        for _ in range(3):
+            with pytest.raises(BackendUnavailable) as info:
+                await admission.acquire(ticket(max_wait=5))
+            assert int(info.value.headers["retry-after"]) >= 1
+        assert time.monotonic() - started < 1.0  # the open circuit answers without waiting on Redis
+        assert admission.describe()["mode"] == "fail_closed" and admission.describe()["redis_reachable"] is False
+        assert metrics.redis_up._value.get() == 0
+        assert metrics.admission_mode.labels("fail_closed")._value.get() == 1
+        await held.release()  # a lease from before the outage goes quietly (it expires in Redis)
+    finally:
+        redis_server.start()
+    deadline = time.monotonic() + 5
+    while admission.mode != "redis" and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert admission.mode == "redis" and metrics.redis_up._value.get() == 1
+    await (await admission.acquire(ticket(max_wait=1))).release()
+
+
+async def test_local_mode_keeps_to_the_replicas_share(make: Make, redis_server: RedisServer) -> None:
+    admission = await make(failure_mode="local", replicas=2, probe_interval=0.5)
+    backends = (("b1", 4),)
+    await (await admission.acquire(ticket(backends=backends))).release()
+    redis_server.kill()
+    try:
+        for _ in range(3):  # rpm 6 over 2 replicas: 3 here
+            lease = await admission.acquire(ticket(backends=backends, rpm=6, max_wait=0.1))
+            await lease.release()  # back to the fallback that granted it
+        with pytest.raises(RateLimited) as info:
+            await admission.acquire(ticket(backends=backends, rpm=6, max_wait=0.1))
+        assert info.value.headers["x-ratelimit-limit-requests"] == "3"
+        assert admission.describe()["mode"] == "local"
+        assert metrics.admission_mode.labels("local")._value.get() == 1
+        # and half of each backend's slots: 4 -> 2
+        one = await admission.acquire(ticket("k2", backends=backends, max_wait=0.1))
+        two = await admission.acquire(ticket("k2", backends=backends, max_wait=0.1))
+        with pytest.raises(BackendUnavailable):
+            await admission.acquire(ticket("k2", backends=backends, max_wait=0.1))
+        await one.release()
+        await two.release()
+    finally:
+        redis_server.start()
+    deadline = time.monotonic() + 5
+    while admission.mode != "redis" and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert admission.mode == "redis"
+    await (await admission.acquire(ticket(backends=backends, max_wait=1))).release()
