@@ -3,7 +3,8 @@
     acquire(ticket) -> Lease          granted now, or after a fair, bounded wait in the queue
     Lease.settle(tokens)              the real token count replaces the estimate (refund or debt)
     Lease.move(backends) -> name      failover: give up this slot, take one on another backend
-    Lease.release()                   the request is over: its slot and concurrency are free
+    Lease.release(tokens)             the request is over: settled (if tokens given) and its slot
+                                      and concurrency freed, in one step
 
 Both implementations (memory: one process; redis: every replica on one Redis) follow the same
 rules, checked by one contract suite (tests/admission/):
@@ -110,8 +111,9 @@ class Lease:
         """Failover: free this slot and take a free one among `backends`, or raise."""
         raise NotImplementedError
 
-    async def release(self) -> None:  # noqa: B027
-        pass
+    async def release(self, tokens: int | None = None) -> None:  # noqa: B027
+        """Free the slot and concurrency; with `tokens`, settle first in the same step (one
+        round trip on Redis instead of two)."""
 
 
 Disconnected = Callable[[], Awaitable[object]]

@@ -72,9 +72,11 @@ class MemoryLease(Lease):
     async def move(self, backends: Sequence[Slot]) -> str:
         return await self._owner._move(self, backends)
 
-    async def release(self) -> None:
+    async def release(self, tokens: int | None = None) -> None:
         if not self._released:
             self._released = True
+            if tokens is not None:  # the release below dispatches once for both
+                self._owner._settle(self._key_id, self._id, tokens, dispatch=False)
             self._owner._release(self._key_id, self.backend)
 
 
@@ -293,14 +295,15 @@ class MemoryAdmission(Admission):
         self._used[backend] -= 1
         self._dispatch()
 
-    def _settle(self, key_id: str, lease_id: int, tokens: int) -> None:
+    def _settle(self, key_id: str, lease_id: int, tokens: int, *, dispatch: bool = True) -> None:
         key = self._keys[key_id]
         for entry in reversed(key.tokens):
             if entry[1] == lease_id:
                 key.token_sum += tokens - entry[2]  # type: ignore[operator]
                 entry[2] = tokens
                 break
-        self._dispatch()
+        if dispatch:
+            self._dispatch()
 
     async def _move(self, lease: MemoryLease, backends: Sequence[Slot]) -> str:
         """Failover: a free slot among `backends` at once, else wait for one (before any new

@@ -86,10 +86,10 @@ class RedisLease(Lease):
     async def move(self, backends: Sequence[Slot]) -> str:
         return await self._owner._move(self, backends)
 
-    async def release(self) -> None:
+    async def release(self, tokens: int | None = None) -> None:
         if not self.released:
             self.released = True
-            await self._owner._release(self)
+            await self._owner._release(self, tokens)
 
 
 class RedisAdmission(Admission):
@@ -297,12 +297,13 @@ class RedisAdmission(Admission):
         self._leases[lease.id] = lease
         return lease
 
-    async def _release(self, lease: RedisLease) -> None:
+    async def _release(self, lease: RedisLease, tokens: int | None = None) -> None:
         self._leases.pop(lease.id, None)
         if not self._up:
             return  # it expires in Redis within the lease TTL, unrenewed
+        settle = () if tokens is None else (int(tokens),)
         try:
-            self._absorb(await self._run("release", lease.id, lease.ticket.key_id, lease.backend))
+            self._absorb(await self._run("release", lease.id, lease.ticket.key_id, lease.backend, *settle))
         except OUTAGE as exc:
             self._trip(exc)
 

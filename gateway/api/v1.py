@@ -253,11 +253,10 @@ class Call:
             metrics.key_tokens.labels(self.key_id, "prompt").inc(prompt)
             metrics.key_tokens.labels(self.key_id, "completion").inc(completion)
         if self.lease is not None:
-            if usage:
-                await self.lease.settle(prompt + completion)
-            elif status >= 400:
-                await self.lease.settle(0)  # nothing was generated: the reservation comes back
-            await self.lease.release()
+            # The real tokens replace the estimate; a failure generated nothing, so its
+            # reservation comes back whole.
+            tokens = prompt + completion if usage else (0 if status >= 400 else None)
+            await self.lease.release(tokens)
 
 
 def _ticket(gateway: Gateway, principal: Principal, route: Route, backends: Sequence[Backend],

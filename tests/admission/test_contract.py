@@ -300,3 +300,13 @@ async def test_failover_without_a_slot_in_time_keeps_its_own(make_admission: Mak
     await holder.release()
     for name in ("a", "b"):
         await (await admission.acquire(ticket(backends=((name, 1),), max_wait=0.5))).release()
+
+
+async def test_release_settles_in_the_same_step(make_admission: MakeAdmission) -> None:
+    admission = await make_admission()
+    first = await admission.acquire(ticket(cost=80, tpm=100))
+    await first.release(tokens=20)  # used 20 of the 80 reserved
+    second = await admission.acquire(ticket(cost=70, tpm=100, max_wait=0.1))  # 20 + 70 <= 100
+    await second.release(tokens=90)  # debt: 20 + 90 = 110 in the window now
+    with pytest.raises(RateLimited):
+        await admission.acquire(ticket(cost=1, tpm=100, max_wait=0.1))

@@ -288,6 +288,17 @@ end
 -- smallest virtual time; within a key, priority then arrival; a key held by its own limit is
 -- skipped). Returns the ms until something may change without an event (a window or a lease
 -- expiring; -1: nothing), and the grants for the calling replica.
+-- The real token count replaces a grant's estimate in its key's window; true for a refund.
+local function settle_cost(lease, key, tokens)
+  local old = redis.call('HGET', K.cost(key), lease)
+  if not old then return false end  -- the grant has left the window
+  old = tonumber(old)
+  local r = rate(key)
+  r.sum = r.sum + tokens - old
+  redis.call('HSET', K.cost(key), lease, tokens, '=sum', r.sum)
+  return tokens < old
+end
+
 local function dispatch()
   local mine = {}
   local wake
