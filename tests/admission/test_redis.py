@@ -13,12 +13,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway import metrics
-from gateway.admission import Limits, Slot, Ticket, keys
+from gateway.admission import keys
 from gateway.admission.redis import RedisAdmission
 from gateway.errors import BackendUnavailable, RateLimited
+from tests.admission.test_contract import WINDOW, ticket
 from tests.conftest import RedisServer
-
-WINDOW = 1.5
 Make = Callable[..., Awaitable[RedisAdmission]]
 
 
@@ -40,12 +39,6 @@ async def make(redis_url: str) -> AsyncIterator[Make]:
         await admission.stop()
     for client in clients:
         await client.aclose()
-
-
-def ticket(key: str = "k1", *, backends: tuple[tuple[str, int], ...] = (("b1", 4),), cost: int = 10,
-           max_wait: float = 5.0, **limits: int) -> Ticket:
-    return Ticket(key_id=key, limits=Limits(**limits), model="m", backends=[Slot(b, n) for b, n in backends],
-                  cost=cost, max_wait=max_wait)
 
 
 def count_commands(admission: RedisAdmission) -> list[str]:
