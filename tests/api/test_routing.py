@@ -176,3 +176,38 @@ async def test_session_affinity_keeps_one_backend(start_gateway: StartGateway, h
             assert r.status_code == 200
     served = {k: v for k, v in served_by(gateway).items() if v}
     assert len(served) == 1 and sum(served.values()) == 12, served
+
+
+def test_per_model_overrides(start_gateway: StartGateway) -> None:
+    gateway = start_gateway({
+        "backends": [fake_vllm("a", ["tuned", "plain"], token_delay=0.05)],
+        "models": {"overrides": {"tuned": {"max_body": "2KiB", "request_timeout": "0.5s",
+                                           "defaults": {"temperature": 0.2, "top_p": 0.5}}}},
+    })
+    key = gateway.new_key()
+    headers = {"authorization": f"Bearer {key}"}
+    port = gateway.admin("GET", "/admin/backends/a").json()["port"]
+
+    def last_request() -> dict[str, Any]:
+        return httpx.get(f"http://127.0.0.1:{port}/fake/last_request").json()  # type: ignore[no-any-return]
+
+    def chat(model: str, **extra: Any) -> httpx.Response:
+        return httpx.post(gateway.url + "/v1/chat/completions", headers=headers, timeout=30,
+                          json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                **extra})
+
+    assert chat("tuned").status_code == 200
+    assert (last_request()["temperature"], last_request()["top_p"]) == (0.2, 0.5)  # injected
+    assert chat("tuned", temperature=1.5).status_code == 200
+    assert last_request()["temperature"] == 1.5  # the client's own value wins
+    assert chat("plain").status_code == 200
+    assert "temperature" not in last_request()  # other models untouched
+
+    big = chat("tuned", user="x" * 3000)
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    assert chat("plain", user="x" * 3000).status_code == 200  # the server-wide bound still allows it
+
+    slow = chat("tuned", max_tokens=40)  # 40 tokens at 50 ms each: past the 0.5 s override
+    assert slow.status_code == 504, slow.text
+    assert slow.json()["error"]["code"] == "upstream_timeout"
+    assert chat("plain", max_tokens=40).status_code == 200
