@@ -53,6 +53,8 @@ class Backend:
         # Attached servers have no process; their state comes from probes alone.
         self.attached_state = State.STARTING
         self.attached_reason = ""
+        # Names in `serves` the runtime says it does not have (Ollama's /api/tags), if it can tell.
+        self.missing_models: list[str] = []
 
     @property
     def managed(self) -> bool:
@@ -113,6 +115,7 @@ class Backend:
             "restart_in_seconds": round(restart_in, 1) if restart_in is not None else None,
             "last_exit": proc.last_exit if proc else None,
             "last_exit_code": proc.exit_code if proc else None,
+            "missing_models": self.missing_models or None,
             "inflight": self.inflight,
             "idle_seconds": round(time.monotonic() - self.last_used, 1),
             "slots": self.config.slots,
@@ -478,10 +481,27 @@ class Supervisor:
                      "" if new is State.READY else f" ({detail})")
             backend.attached_state = new
             if new is State.READY:
+                await self._check_models(backend)
                 for listener in self.on_ready:
                     listener(backend.name)
             self._pulse()
         backend.attached_reason = "" if new is State.READY else detail
+
+    async def _check_models(self, backend: Backend) -> None:
+        """An attached server we cannot pull models into: say clearly which listed ones it lacks."""
+        path = backend.adapter.models_path
+        if path is None or self._probes is None:
+            return
+        try:
+            async with self._probes.get(backend.url + path,
+                                        timeout=aiohttp.ClientTimeout(total=backend.config.health_timeout)) as resp:
+                backend.missing_models = backend.adapter.missing_models(backend.config, resp.status, await resp.read())
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            log.warning("backend %s: cannot list its models (%s)", backend.name, exc)
+            return
+        if backend.missing_models:
+            log.warning("backend %s does not have %s, which the config lists in `serves`; requests for them "
+                        "get 503 model_not_installed until it does", backend.name, ", ".join(backend.missing_models))
 
     async def _watch_attached(self, backend: Backend) -> None:
         while True:

@@ -355,3 +355,4 @@ def test_missing_models_from_tags(adapter: OllamaAdapter) -> None:
     untagged = BACKEND.model_copy(update={"serves": ["phi", "llama3.2:1b"]})
     assert adapter.missing_models(untagged, 200, json.dumps(tags).encode()) == []  # "phi" means "phi:latest"
     assert adapter.missing_models(BACKEND, 500, b"") == ["llama3.2:1b", "qwen2.5:0.5b"]
+
