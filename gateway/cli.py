@@ -55,6 +55,10 @@ def serve(args: argparse.Namespace) -> None:
         log_config=log_config,
         # Per-request lines come from the gateway itself (with request id, key id, backend).
         access_log=False,
+        # Longer than clients' and load balancers' idle timeouts (httpx 5 s, nginx 60 s), so the
+        # client is the one that closes an idle connection: a server closing it at the instant the
+        # client reuses it fails that request.
+        timeout_keep_alive=65,
         # The lifespan stops every backend; give it their grace periods to do so.
         timeout_graceful_shutdown=max(b.stop_timeout for b in config.backends) + 5,
     )
