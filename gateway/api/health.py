@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from litestar import Request, Response, get
 
 from gateway import metrics
-from gateway.errors import AuthenticationFailed
+from gateway.errors import AuthenticationFailed, NotFound
 from gateway.openai import encode
 
 if TYPE_CHECKING:
@@ -43,6 +43,8 @@ async def ready(request: Request[Any, Any, Any]) -> Response[Any]:
 @get("/metrics")
 async def scrape(request: Request[Any, Any, Any]) -> Response[Any]:
     gateway: Gateway = request.app.state.gateway
+    if not gateway.config.metrics.enabled:
+        raise NotFound("Metrics are switched off (metrics.enabled: false).")
     token = gateway.config.metrics.token
     if token:
         given = request.headers.get("authorization", "")
