@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import httpx
+import yaml
 
 from tests.conftest import StartGateway
-from tests.helpers import free_port
+from tests.helpers import ROOT, free_port
 
 DEAD = {"name": "b", "runtime": "openai", "url": f"http://127.0.0.1:{free_port()}", "serves": ["m"]}
 
@@ -30,3 +35,16 @@ def test_health_is_liveness_and_ready_says_why(start_gateway: StartGateway) -> N
     body = ready.json()
     assert body["backends"]["b"]["state"] == "unhealthy" and "unreachable" in body["backends"]["b"]["reason"]
     assert body["admission"]["mode"] == "memory"
+
+
+def test_keys_off_serves_anonymously_on_loopback_only(start_gateway: StartGateway, tmp_path: Path) -> None:
+    config = {"data_dir": str(tmp_path / "data"), "backends": [DEAD], "auth": {"required": False}}
+    gateway = start_gateway(config, ready=False)
+    assert [m["id"] for m in httpx.get(gateway.url + "/v1/models").json()["data"]] == ["m"]
+
+    path = tmp_path / "open.yaml"
+    path.write_text(yaml.safe_dump(config))
+    refused = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(path), "--host", "0.0.0.0",
+                              "--port", str(free_port())], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert refused.returncode == 2
+    assert "only binds a loopback address" in refused.stderr and "allow_public_without_keys" in refused.stderr
