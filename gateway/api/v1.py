@@ -1,11 +1,12 @@
 """The OpenAI front door. Each handler only puts the steps in order:
 
-    auth -> decode -> route (+ the key's model list) -> admission (limits, queue, a backend slot)
-         -> adapter.request -> upstream.send -> reply, or relay the stream
-         -> settle (usage per key, real tokens back to the limiter, metrics)
+    auth -> decode -> route (+ the key's model list; start an on-demand backend if none is ready)
+         -> admission (limits, queue, a backend slot) -> adapter.request -> upstream.send
+         -> reply, or relay the stream -> finish (usage per key, real tokens to the limiter, metrics)
 
-Failover: a backend that fails before the first byte (refused, reset) hands the request to
-another ready backend of the same model; after the first byte nothing is retried.
+Failover: a backend that fails before anything reached the client (refused, timed out, a 5xx, a
+reply cut off, a stream failing before its first chunk) hands the request to another ready
+backend of the same model, within `routing.max_attempts`; after the first byte nothing is retried.
 """
 
 from __future__ import annotations
