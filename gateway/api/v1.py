@@ -77,7 +77,8 @@ async def _serve(request: Request[Any, Any, Any], endpoint: Endpoint) -> Respons
         lease = await gateway.admission.acquire(_ticket(gateway, principal, route, backends, body, raw),
                                                 disconnected=lambda: _disconnect(request))
         call.lease = lease
-        return await _forward(gateway, call, lease, backends, endpoint, body)
+        timeout = override.request_timeout if override is not None else None
+        return await _forward(gateway, call, lease, backends, endpoint, body, timeout)
     except GatewayError as exc:
         exc.headers.setdefault("x-request-id", call.request_id)
         if call.route is not None:
@@ -90,14 +91,12 @@ async def _serve(request: Request[Any, Any, Any], endpoint: Endpoint) -> Respons
 
 
 async def _forward(gateway: Gateway, call: Call, lease: Lease, backends: Sequence[Backend], endpoint: Endpoint,
-                   body: dict[str, Any]) -> Response[Any]:
+                   body: dict[str, Any], timeout: float | None) -> Response[Any]:
     assert call.route is not None
     route = call.route
     by_name = {b.name: b for b in backends}
     backend = by_name[lease.backend]
     headers = {"x-request-id": call.request_id, **lease.usage.headers()}
-    override = gateway.config.models.overrides.get(route.served)
-    timeout = override.request_timeout if override is not None else None
     streaming = bool(body.get("stream")) and endpoint != "embeddings"
     tried: list[str] = []
     while True:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,7 @@ MakeAdmission = Callable[..., Awaitable[Admission]]
 @pytest.fixture(params=["memory", "redis"])
 async def make_admission(request: pytest.FixtureRequest) -> AsyncIterator[MakeAdmission]:
     made: list[Admission] = []
+    clients: list[Any] = []
 
     async def make(max_depth: int = 1000) -> Admission:
         if request.param == "memory":
@@ -31,6 +33,7 @@ async def make_admission(request: pytest.FixtureRequest) -> AsyncIterator[MakeAd
             from gateway.admission.redis import RedisAdmission
 
             client = aioredis.Redis.from_url(request.getfixturevalue("redis_url"))
+            clients.append(client)
             admission = RedisAdmission(client, max_depth=max_depth, window=WINDOW, lease_ttl=5.0)
         await admission.start()
         made.append(admission)
@@ -39,6 +42,8 @@ async def make_admission(request: pytest.FixtureRequest) -> AsyncIterator[MakeAd
     yield make
     for admission in made:
         await admission.stop()
+    for client in clients:
+        await client.aclose()
 
 
 def ticket(key: str = "k1", *, backends: tuple[tuple[str, int], ...] = (("b1", 4),), cost: int = 10,
