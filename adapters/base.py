@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -138,29 +138,29 @@ class Adapter:
             raise self.error(502, body)
         return data
 
-    async def stream(self, endpoint: Endpoint, lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
-        """The runtime's stream -> OpenAI chunk objects; raises UpstreamError on an error event.
+    def decoder(self, endpoint: Endpoint) -> StreamDecoder:
+        """A decoder for one stream of this runtime. Passthrough: server-sent events whose data is
+        already an OpenAI chunk; a runtime that reshapes chunks passes its own `shape`."""
+        return SSEDecoder(self.error)
 
-        Passthrough: server-sent events whose data is already an OpenAI chunk.
-        """
-        async for raw in lines:
-            line = raw.strip()
-            if not line or line.startswith(b":"):
-                continue
-            if line.startswith(b"data:"):
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    return
-                chunk = _decode(payload)
-                if isinstance(chunk, dict) and "error" in chunk:
-                    raise self.error(None, payload)
+    async def stream(self, endpoint: Endpoint, data: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+        """The runtime's stream -> OpenAI chunk objects, one by one; raises UpstreamError on an
+        error event (after the chunks before it). The gateway's relay feeds `decoder()` itself,
+        a whole read at a time; this is the same decoding for callers that want single chunks."""
+        decoder = self.decoder(endpoint)
+        async for piece in data:
+            out: list[dict[str, Any]] = []
+            try:
+                decoder.feed(piece, out)
+            finally:
+                for chunk in out:
+                    yield chunk
+        out = []
+        try:
+            decoder.end(out)
+        finally:
+            for chunk in out:
                 yield chunk
-            elif line.startswith(b"error:"):
-                # Older llama.cpp builds: a non-standard `error: {json}` line, then [DONE].
-                raise self.error(None, line[6:].strip())
-        # Every OpenAI-speaking runtime ends a whole stream with [DONE]: without it the answer was
-        # cut off (the runtime died), and the client must be told rather than handed half a reply.
-        raise UpstreamError(502, "The backend closed the stream before it finished.")
 
     def error(self, status: int | None, body: bytes) -> UpstreamError:
         """Any error body the runtime may send -> an OpenAI-shaped error keeping the status.
@@ -203,3 +203,76 @@ def _normal_type(value: Any, status: int) -> str | None:
     known = {"invalid_request_error", "authentication_error", "permission_error", "not_found_error",
              "rate_limit_error", "server_error"}
     return value if value in known else None
+
+
+class StreamDecoder:
+    """One runtime stream, fed as its bytes arrive (split anywhere), -> OpenAI chunk objects.
+
+    No I/O and no awaiting: the relay reads whatever the socket has, feeds it here and writes
+    the chunks that came out as one piece, so a burst of tokens costs one write, not one each.
+    Chunks go into `out` as they are decoded, so the ones before an error event still reach the
+    client when `feed` raises it.
+    """
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self.finished = False
+
+    def feed(self, data: bytes, out: list[dict[str, Any]]) -> None:
+        lines = (self._partial + data).split(b"\n") if self._partial else data.split(b"\n")
+        self._partial = lines.pop()  # b"" when data ended with a newline
+        for raw in lines:
+            if self.finished:
+                return  # whatever follows the end is not part of this answer
+            line = raw.strip()
+            if line:
+                self.line(line, out)
+
+    def end(self, out: list[dict[str, Any]]) -> None:
+        """The runtime closed the stream: a last unterminated line counts; no end marker is an error."""
+        line = self._partial.strip()
+        self._partial = b""
+        if line and not self.finished:
+            self.line(line, out)
+        if not self.finished:
+            # Every runtime ends a whole stream with its end marker: without it the answer was cut
+            # off (the runtime died), and the client must be told rather than handed half a reply.
+            raise UpstreamError(502, "The backend closed the stream before it finished.")
+
+    def line(self, line: bytes, out: list[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+
+class SSEDecoder(StreamDecoder):
+    """Server-sent events whose data is an OpenAI chunk, ended by `data: [DONE]`.
+
+    `shape` turns one chunk of the runtime into the chunks the client gets (none: as they are).
+    """
+
+    def __init__(self, error: Callable[[int | None, bytes], UpstreamError],
+                 shape: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None) -> None:
+        super().__init__()
+        self._error, self._shape = error, shape
+
+    def line(self, line: bytes, out: list[dict[str, Any]]) -> None:
+        if line.startswith(b"data:"):
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                self.finished = True
+                return
+            try:
+                chunk = _decode(payload)
+            except msgspec.DecodeError:
+                raise UpstreamError(502, "The backend sent a stream event that is not JSON.") from None
+            if not isinstance(chunk, dict):
+                raise UpstreamError(502, "The backend sent a stream event that is not a JSON object.")
+            if "error" in chunk:
+                raise self._error(None, payload)
+            if self._shape is None:
+                out.append(chunk)
+            else:
+                out.extend(self._shape(chunk))
+        elif line.startswith(b"error:"):
+            # Older llama.cpp builds: a non-standard `error: {json}` line, then [DONE].
+            raise self._error(None, line[6:].strip())
+        # Comments (`: ping`), `event:`/`id:`/`retry:` fields carry nothing the client needs.

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from adapters import shapes
-from adapters.base import Adapter, Launch, Load
+from adapters.base import Adapter, Launch, Load, SSEDecoder, StreamDecoder
 from gateway.errors import UpstreamError
 from gateway.openai import Endpoint
 
@@ -86,9 +85,8 @@ class LlamaCppAdapter(Adapter):
     def response(self, endpoint: Endpoint, body: bytes, request: dict[str, Any] | None = None) -> dict[str, Any]:
         return shapes.canonical(endpoint, super().response(endpoint, body, request))
 
-    async def stream(self, endpoint: Endpoint, lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
-        async for chunk in super().stream(endpoint, lines):
-            yield shapes.chunk(endpoint, chunk)
+    def decoder(self, endpoint: Endpoint) -> StreamDecoder:
+        return SSEDecoder(self.error, lambda chunk: [shapes.chunk(endpoint, chunk)])
 
     def error(self, status: int | None, body: bytes) -> UpstreamError:
         err = super().error(status, body)

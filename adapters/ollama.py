@@ -5,7 +5,7 @@ to Ollama's default context), ignores `max_completion_tokens`, and forces `tempe
 `top_p` to 1.0 over the model's defaults. The mapping of every OpenAI parameter, and the ones
 refused with a 400, are the table in adapters/README.md.
 
-    OpenAI request --request()--> native request         native NDJSON --stream()--> OpenAI chunks
+    OpenAI request --request()--> native request         native NDJSON --decoder()--> OpenAI chunks
                                   (options, format,       (role chunk, deltas, finish chunk
                                    tools, images)          with usage; an error line raises)
 """
@@ -16,13 +16,13 @@ import base64
 import json
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from adapters import shapes
-from adapters.base import Adapter, Launch, UpstreamRequest, find_binary
+from adapters.base import Adapter, Launch, StreamDecoder, UpstreamRequest, find_binary
 from gateway.errors import InvalidRequest, UpstreamError
 from gateway.openai import Endpoint
 
@@ -191,59 +191,8 @@ class OllamaAdapter(Adapter):
                          "finish_reason": "tool_calls" if calls else _finish(data.get("done_reason"))}],
         })
 
-    async def stream(self, endpoint: Endpoint, lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
-        """NDJSON -> OpenAI chunks: (chat) a role chunk, one chunk per line with text, the finish
-        chunk with `finish_reason` and usage from the `done` line. An `{"error": ...}` line (sent
-        with HTTP 200) raises, and the core ends the stream with an OpenAI error event."""
-        chat = endpoint == "chat"
-        base = {"id": shapes.new_id("chatcmpl" if chat else "cmpl"), "created": int(time.time()), "model": ""}
-        started = False
-        calls = 0
-
-        def chunk(choice: dict[str, Any], usage: dict[str, int] | None = None) -> dict[str, Any]:
-            data = {**base, "choices": [{"index": 0, "logprobs": None, "finish_reason": None, **choice}]}
-            if usage is not None:
-                data["usage"] = usage
-            return shapes.chunk(endpoint, data)
-
-        async for raw in lines:
-            line = raw.strip()
-            if not line:
-                continue
-            try:
-                event = msgspec.json.decode(line)
-            except msgspec.DecodeError:
-                raise UpstreamError(502, "The backend sent a stream line that is not JSON.") from None
-            if not isinstance(event, dict):
-                raise UpstreamError(502, "The backend sent a stream line that is not a JSON object.")
-            if "error" in event:
-                raise self.error(None, line)
-            base["model"] = event.get("model") or base["model"]
-            if chat:
-                if not started:
-                    started = True
-                    yield chunk({"delta": {"role": "assistant", "content": ""}})
-                message = event.get("message") if isinstance(event.get("message"), dict) else {}
-                delta: dict[str, Any] = {}
-                if message.get("thinking"):
-                    delta["reasoning_content"] = message["thinking"]
-                if message.get("content"):
-                    delta["content"] = message["content"]
-                new_calls = _tool_calls(message.get("tool_calls"))
-                if new_calls:
-                    delta["tool_calls"] = [{"index": calls + i, **call} for i, call in enumerate(new_calls)]
-                    calls += len(new_calls)
-                if delta:
-                    yield chunk({"delta": delta})
-            elif event.get("response"):
-                yield chunk({"text": event["response"]})
-            if event.get("done"):
-                finish = "tool_calls" if calls else _finish(event.get("done_reason"))
-                usage = shapes.usage(event.get("prompt_eval_count"), event.get("eval_count"))
-                yield chunk({"delta": {}, "finish_reason": finish} if chat else {"text": "", "finish_reason": finish},
-                            usage)
-                return
-        raise UpstreamError(502, "The backend closed the stream before it finished.")
+    def decoder(self, endpoint: Endpoint) -> StreamDecoder:
+        return NDJSONDecoder(endpoint, self.error)
 
     def error(self, status: int | None, body: bytes) -> UpstreamError:
         err = super().error(status, body)
@@ -253,6 +202,62 @@ class OllamaAdapter(Adapter):
             return UpstreamError(503, "This model is not installed on its backend yet; try again later.",
                                  code="model_not_installed")
         return err
+
+
+class NDJSONDecoder(StreamDecoder):
+    """Native NDJSON -> OpenAI chunks: (chat) a role chunk, one chunk per line with text, the
+    finish chunk with `finish_reason` and usage from the `done` line. An `{"error": ...}` line
+    (sent with HTTP 200) raises, and the core ends the stream with an OpenAI error event."""
+
+    def __init__(self, endpoint: Endpoint, error: Callable[[int | None, bytes], UpstreamError]) -> None:
+        super().__init__()
+        self._endpoint, self._error = endpoint, error
+        self._chat = endpoint == "chat"
+        self._base = {"id": shapes.new_id("chatcmpl" if self._chat else "cmpl"), "created": int(time.time()),
+                      "model": ""}
+        self._started = False
+        self._calls = 0
+
+    def _chunk(self, choice: dict[str, Any], usage: dict[str, int] | None = None) -> dict[str, Any]:
+        data = {**self._base, "choices": [{"index": 0, "logprobs": None, "finish_reason": None, **choice}]}
+        if usage is not None:
+            data["usage"] = usage
+        return shapes.chunk(self._endpoint, data)
+
+    def line(self, line: bytes, out: list[dict[str, Any]]) -> None:
+        try:
+            event = msgspec.json.decode(line)
+        except msgspec.DecodeError:
+            raise UpstreamError(502, "The backend sent a stream line that is not JSON.") from None
+        if not isinstance(event, dict):
+            raise UpstreamError(502, "The backend sent a stream line that is not a JSON object.")
+        if "error" in event:
+            raise self._error(None, line)
+        self._base["model"] = event.get("model") or self._base["model"]
+        if self._chat:
+            if not self._started:
+                self._started = True
+                out.append(self._chunk({"delta": {"role": "assistant", "content": ""}}))
+            message = event.get("message") if isinstance(event.get("message"), dict) else {}
+            delta: dict[str, Any] = {}
+            if message.get("thinking"):
+                delta["reasoning_content"] = message["thinking"]
+            if message.get("content"):
+                delta["content"] = message["content"]
+            new_calls = _tool_calls(message.get("tool_calls"))
+            if new_calls:
+                delta["tool_calls"] = [{"index": self._calls + i, **call} for i, call in enumerate(new_calls)]
+                self._calls += len(new_calls)
+            if delta:
+                out.append(self._chunk({"delta": delta}))
+        elif event.get("response"):
+            out.append(self._chunk({"text": event["response"]}))
+        if event.get("done"):
+            finish = "tool_calls" if self._calls else _finish(event.get("done_reason"))
+            usage = shapes.usage(event.get("prompt_eval_count"), event.get("eval_count"))
+            out.append(self._chunk({"delta": {}, "finish_reason": finish} if self._chat
+                                   else {"text": "", "finish_reason": finish}, usage))
+            self.finished = True
 
 
 # --- request translation ---------------------------------------------------------------------

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters import shapes
-from adapters.base import Adapter, Health, Launch, Load, find_binary
+from adapters.base import Adapter, Health, Launch, Load, SSEDecoder, StreamDecoder, find_binary
 from gateway.errors import UpstreamError
 from gateway.openai import Endpoint
 
@@ -78,10 +77,9 @@ class VllmAdapter(Adapter):
     def response(self, endpoint: Endpoint, body: bytes, request: dict[str, Any] | None = None) -> dict[str, Any]:
         return shapes.canonical(endpoint, super().response(endpoint, body, request))
 
-    async def stream(self, endpoint: Endpoint, lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
-        async for chunk in super().stream(endpoint, lines):
-            for piece in shapes.split_finish(endpoint, chunk):
-                yield shapes.chunk(endpoint, piece)
+    def decoder(self, endpoint: Endpoint) -> StreamDecoder:
+        return SSEDecoder(self.error, lambda chunk: [shapes.chunk(endpoint, piece)
+                                                     for piece in shapes.split_finish(endpoint, chunk)])
 
     def error(self, status: int | None, body: bytes) -> UpstreamError:
         # Nested `{"error": {...}}`, the older flat `{"object": "error", ...}`, FastAPI's

@@ -66,7 +66,8 @@ class Gateway:
         self.cooldowns = Cooldowns(routing.cooldown_failures, routing.cooldown_window, routing.cooldown)
         self.supervisor.on_ready.append(self.cooldowns.reset)
         self.loads = LoadWatch(self.supervisor.backends.values(), routing.load_interval)
-        self.affinity_header = routing.affinity_header.lower() if routing.affinity_header else None
+        # Matched against raw ASGI header names, which arrive lower-cased.
+        self.affinity_header = routing.affinity_header.lower().encode() if routing.affinity_header else None
         for backend in config.backends:
             metrics.backend_slots.labels(backend.name).set(backend.slots)
         self.upstream = Upstream(connect_timeout=config.server.connect_timeout,

@@ -46,8 +46,8 @@ class Principal:
             raise ModelNotFound(route.public)  # exactly as for a model that does not exist
 
 
-def bearer(request: Request[Any, Any, Any]) -> str | None:
-    header = request.headers.get("authorization")
+def bearer(header: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header."""
     if not header:
         return None
     scheme, _, token = header.partition(" ")
@@ -59,7 +59,7 @@ def require_admin(request: Request[Any, Any, Any]) -> None:
     admin_key: str | None = request.app.state.gateway.config.admin.key
     if not admin_key:
         raise PermissionDenied("The admin API is disabled: set admin.key (typically ${GATEWAY_ADMIN_KEY}).")
-    given = bearer(request)
+    given = bearer(request.headers.get("authorization"))
     if given is None or not hmac.compare_digest(given.encode(), admin_key.encode()):
         raise AuthenticationFailed("Invalid admin key. Admin routes need `Authorization: Bearer <admin key>`.")
 
@@ -122,8 +122,9 @@ class KeyCache:
                 log.warning("key cache refresh failed (%s); serving the last loaded keys", exc)
                 await asyncio.sleep(1.0)
 
-    def authenticate(self, request: Request[Any, Any, Any]) -> Principal:
-        secret = bearer(request)
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The key behind an `Authorization` header's value."""
+        secret = bearer(authorization)
         if secret is None:
             if not self._required:
                 return self._anonymous

@@ -102,56 +102,63 @@ class StreamOutcome:
 
 async def relay_stream(resp: aiohttp.ClientResponse, adapter: Adapter, endpoint: Endpoint, *, public_model: str,
                        include_usage: bool, backend: str, outcome: StreamOutcome) -> AsyncIterator[bytes]:
-    """The runtime's stream -> OpenAI SSE for the client.
+    """The runtime's stream -> OpenAI SSE for the client, one piece per read from the runtime.
 
-    Usage is always asked of the runtime; wherever it arrives (on the finish chunk, or in a
-    `choices: []` chunk) it is taken out, and sent as one final chunk only if the client asked.
-    A failure before the first chunk is raised, so the caller may still answer with an error
-    status or try another backend; after it, the stream ends with an error event: never retried,
-    never a hang. A client that goes away cancels this generator, which closes the upstream
-    connection, which stops the generation.
+    Whatever the socket holds is decoded at once and written as one piece: a burst of chunks
+    costs one write to the client, and each read is at least one chunk (the caller awaits the
+    first piece to know the stream started). Usage is always asked of the runtime; wherever it
+    arrives (on the finish chunk, or in a `choices: []` chunk) it is taken out, and sent as one
+    final chunk only if the client asked. A failure before the first chunk is raised, so the
+    caller may still answer with an error status or try another backend; after it, the stream
+    ends with an error event: never retried, never a hang. A client that goes away closes this
+    generator, which closes the upstream connection, which stops the generation.
     """
+    decoder = adapter.decoder(endpoint)
+    reads = resp.content.iter_any()
     last: dict[str, Any] = {}
     try:
-        async for chunk in adapter.stream(endpoint, resp.content):
-            usage = chunk.pop("usage", None)
-            if usage:
-                outcome.usage = usage
-            choices = chunk.get("choices")
-            if not choices:
-                continue  # the usage-only chunk: re-sent at the end if the client asked
-            chunk["model"] = public_model
-            if include_usage:
-                chunk["usage"] = None
-            if outcome.first_chunk_at is None:
-                outcome.first_chunk_at = time.perf_counter()
-            outcome.chunks += 1
-            last = chunk
-            yield sse(encode(chunk))
-        if outcome.usage is None:
-            # No runtime generation omits it once asked, but an attached server might: count
-            # chunks rather than report nothing, and say so in the log.
-            log.warning("backend %s streamed no usage; estimating completion tokens from chunks", backend)
-            outcome.usage = usage_object(0, outcome.chunks)
-        if include_usage:
-            yield sse(encode({
-                "id": last.get("id", ""), "object": last.get("object", "chat.completion.chunk"),
-                "created": last.get("created", int(time.time())), "model": public_model,
-                "choices": [], "usage": outcome.usage,
-            }))
-        outcome.finished = True
-        yield DONE
-    except (UpstreamError, aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-        kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "stream"
-        metrics.upstream_errors.labels(backend, kind).inc()
-        error = exc if isinstance(exc, UpstreamError) else (
-            UpstreamTimeout("The backend did not finish the stream in time.") if kind == "timeout"
-            else BackendUnavailable(f"The backend failed mid-stream ({type(exc).__name__})."))
-        if outcome.chunks == 0:
-            raise error from None
-        outcome.error = error
-        yield sse(encode(error.body()))
-        yield DONE
+        while True:
+            out: list[dict[str, Any]] = []
+            failure: Exception | None = None
+            try:
+                data = await anext(reads, None)
+                if data is None:
+                    decoder.end(out)  # raises unless a last unterminated line ended the stream
+                else:
+                    decoder.feed(data, out)
+            except (UpstreamError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                failure = exc
+            parts: list[bytes] = []
+            for chunk in out:
+                usage = chunk.pop("usage", None)
+                if usage:
+                    outcome.usage = usage
+                if not chunk.get("choices"):
+                    continue  # the usage-only chunk: re-sent at the end if the client asked
+                chunk["model"] = public_model
+                if include_usage:
+                    chunk["usage"] = None
+                parts += (b"data: ", encode(chunk), b"\n\n")
+                last = chunk
+            if parts:
+                if outcome.first_chunk_at is None:
+                    outcome.first_chunk_at = time.perf_counter()
+                outcome.chunks += len(parts) // 3
+            if failure is not None:
+                error = _stream_error(failure, backend)
+                if outcome.chunks == 0:
+                    raise error from None
+                outcome.error = error
+                parts += (sse(encode(error.body())), DONE)
+                yield b"".join(parts)
+                return
+            if decoder.finished:
+                parts += _ending(outcome, last, public_model, include_usage, backend)
+                outcome.finished = True
+                yield b"".join(parts)
+                return
+            if parts:
+                yield b"".join(parts)
     finally:
         # Closing (not releasing) an unfinished response drops the connection, which is how the
         # runtime learns to stop generating for a client that left.
@@ -159,3 +166,29 @@ async def relay_stream(resp: aiohttp.ClientResponse, adapter: Adapter, endpoint:
             resp.release()
         else:
             resp.close()
+
+
+def _stream_error(failure: Exception, backend: str) -> GatewayError:
+    kind = "timeout" if isinstance(failure, asyncio.TimeoutError) else "stream"
+    metrics.upstream_errors.labels(backend, kind).inc()
+    if isinstance(failure, UpstreamError):
+        return failure
+    if kind == "timeout":
+        return UpstreamTimeout("The backend did not finish the stream in time.")
+    return BackendUnavailable(f"The backend failed mid-stream ({type(failure).__name__}).")
+
+
+def _ending(outcome: StreamOutcome, last: dict[str, Any], public_model: str, include_usage: bool,
+            backend: str) -> list[bytes]:
+    if outcome.usage is None:
+        # No runtime generation omits it once asked, but an attached server might: count
+        # chunks rather than report nothing, and say so in the log.
+        log.warning("backend %s streamed no usage; estimating completion tokens from chunks", backend)
+        outcome.usage = usage_object(0, outcome.chunks)
+    if not include_usage:
+        return [DONE]
+    return [sse(encode({
+        "id": last.get("id", ""), "object": last.get("object", "chat.completion.chunk"),
+        "created": last.get("created", int(time.time())), "model": public_model,
+        "choices": [], "usage": outcome.usage,
+    })), DONE]

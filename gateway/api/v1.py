@@ -11,6 +11,7 @@ backend of the same model, within `routing.max_attempts`; after the first byte n
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import re
@@ -19,9 +20,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from litestar import Request, Response, get, post
-from litestar.background_tasks import BackgroundTask
-from litestar.response import Stream
+from litestar import Request, Response, asgi, get
+from litestar.types import Receive, Scope, Send
 
 from gateway import metrics
 from gateway.admission import Lease, Limits, Slot, Ticket
@@ -30,12 +30,14 @@ from gateway.config import ModelOverride
 from gateway.errors import (
     BackendUnavailable,
     BodyTooLarge,
+    ClientClosedRequest,
     GatewayError,
+    MethodNotAllowed,
     ModelNotFound,
     UpstreamError,
     UpstreamTimeout,
 )
-from gateway.openai import Endpoint, decode_request, encode, wants_usage
+from gateway.openai import PATHS, Endpoint, decode_request, encode, wants_usage
 from gateway.routing import Route, choose
 from gateway.upstream import StreamOutcome, relay_stream
 
@@ -45,21 +47,92 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.request")
 
-JSON = "application/json"
-SSE_HEADERS = {
-    "cache-control": "no-cache",
+JSON_HEADERS = [(b"content-type", b"application/json")]
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
     # Reverse proxies (nginx) buffer responses unless told not to, which turns a stream into one late blob.
-    "x-accel-buffering": "no",
-}
+    (b"x-accel-buffering", b"no"),
+]
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-async def _serve(request: Request[Any, Any, Any], endpoint: Endpoint) -> Response[Any]:
-    gateway: Gateway = request.app.state.gateway
-    call = Call(gateway, endpoint, _request_id(request))
+class Exchange:
+    """One HTTP exchange on the ASGI level: the few request headers the pipeline reads, and the
+    way back. The POST endpoints are raw ASGI handlers because they are the hot path: Litestar's
+    request, signature and response layers cost more CPU per request than all of the gateway's
+    own steps together (bench/README.md); routing and error rendering stay Litestar's."""
+
+    __slots__ = ("receive", "send", "authorization", "request_id", "affinity", "content_length")
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send, affinity_header: bytes | None) -> None:
+        self.receive, self.send = receive, send
+        self.authorization: str | None = None
+        self.affinity: str | None = None
+        self.content_length: int | None = None
+        given = None
+        for name, value in scope["headers"]:  # names arrive lower-cased (ASGI)
+            if name == b"authorization":
+                self.authorization = value.decode("latin-1")
+            elif name == b"content-length":
+                self.content_length = int(value) if value.isdigit() else None
+            elif name == b"x-request-id":
+                given = value.decode("latin-1")
+            elif name == affinity_header:
+                self.affinity = value.decode("latin-1")
+        self.request_id = given if given and _REQUEST_ID.match(given) else f"{_ID_PREFIX}{next(_ids):x}"
+
+    async def body(self, limit: int) -> bytes:
+        """The whole body, refused (413) from Content-Length alone or as soon as the bytes read pass
+        `limit`: never read whole into memory."""
+        if self.content_length is not None and self.content_length > limit:
+            raise BodyTooLarge(TOO_LARGE)
+        message = await self.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientClosedRequest("The client disconnected before sending its request.")
+        body = message.get("body", b"")
+        if not message.get("more_body"):
+            return body if len(body) <= limit else _too_large()
+        parts, size = [body], len(body)
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientClosedRequest("The client disconnected before sending its request.")
+            part = message.get("body", b"")
+            size += len(part)
+            if size > limit:
+                _too_large()
+            parts.append(part)
+            if not message.get("more_body"):
+                return b"".join(parts)
+
+    async def disconnected(self) -> None:
+        """Returns when the client goes away (the body is already read, so nothing else arrives)."""
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+
+    async def reply(self, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        await self.send({"type": "http.response.start", "status": 200,
+                         "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), *headers]})
+        await self.send({"type": "http.response.body", "body": body})
+
+
+TOO_LARGE = "The request body is larger than this gateway accepts (server.max_body)."
+
+
+def _too_large() -> bytes:
+    raise BodyTooLarge(TOO_LARGE)
+
+
+async def _serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
+    if scope["method"] != "POST":
+        raise MethodNotAllowed("This path does not accept that HTTP method.", headers={"allow": "POST"})
+    gateway: Gateway = scope["app"].state.gateway
+    exchange = Exchange(scope, receive, send, gateway.affinity_header)
+    call = Call(gateway, endpoint, exchange.request_id)
     try:
-        principal = gateway.keys.authenticate(request)
-        raw = await request.body()
+        principal = gateway.keys.authenticate(exchange.authorization)
+        raw = await exchange.body(gateway.config.server.max_body)
         body = decode_request(endpoint, raw)
         route = gateway.models.resolve(body["model"])
         principal.check_model(route)
@@ -68,35 +141,33 @@ async def _serve(request: Request[Any, Any, Any], endpoint: Endpoint) -> Respons
         override = gateway.config.models.overrides.get(route.served)
         if override is not None:
             _apply_override(override, body, raw)
-        affinity = request.headers.get(gateway.affinity_header) if gateway.affinity_header else None
         if not any(b.ready for b in route.backends):
             # Starts a stopped on-demand backend (one start shared by concurrent callers) or waits
             # for one on its way; BackendUnavailable when none can be ready within the queue's wait.
             await gateway.supervisor.ensure_ready(route.backends, gateway.config.queue.max_wait, model=route.public)
-        backends = choose(route, cooldowns=gateway.cooldowns, loads=gateway.loads.loads, affinity=affinity)
+        backends = choose(route, cooldowns=gateway.cooldowns, loads=gateway.loads.loads, affinity=exchange.affinity)
         lease = await gateway.admission.acquire(_ticket(gateway, principal, route, backends, body, raw),
-                                                disconnected=lambda: _disconnect(request))
+                                                disconnected=exchange.disconnected)
         call.lease = lease
         timeout = override.request_timeout if override is not None else None
-        return await _forward(gateway, call, lease, backends, endpoint, body, timeout)
+        await _forward(gateway, exchange, call, lease, backends, endpoint, body, timeout)
     except GatewayError as exc:
         exc.headers.setdefault("x-request-id", call.request_id)
         if call.route is not None:
             await call.finish(exc.status, None)
-        raise
+        raise  # rendered once, by the app's exception handler, as an OpenAI error
     except BaseException:  # a bug, or cancellation: the lease must still go back
         if call.route is not None:
             await call.finish(500, None)
         raise
 
 
-async def _forward(gateway: Gateway, call: Call, lease: Lease, backends: Sequence[Backend], endpoint: Endpoint,
-                   body: dict[str, Any], timeout: float | None) -> Response[Any]:
+async def _forward(gateway: Gateway, exchange: Exchange, call: Call, lease: Lease, backends: Sequence[Backend],
+                   endpoint: Endpoint, body: dict[str, Any], timeout: float | None) -> None:
     assert call.route is not None
     route = call.route
     by_name = {b.name: b for b in backends}
     backend = by_name[lease.backend]
-    headers = {"x-request-id": call.request_id, **lease.usage.headers()}
     streaming = bool(body.get("stream")) and endpoint != "embeddings"
     tried: list[str] = []
     while True:
@@ -114,7 +185,7 @@ async def _forward(gateway: Gateway, call: Call, lease: Lease, backends: Sequenc
                 outcome = StreamOutcome()
                 chunks = relay_stream(resp, backend.adapter, endpoint, public_model=route.public,
                                       include_usage=wants_usage(body), backend=backend.name, outcome=outcome)
-                # The first chunk is read here, so a backend that fails before it is still retried.
+                # The first piece is read here, so a backend that fails before it is still retried.
                 first = await anext(chunks)
             else:
                 data = backend.adapter.response(endpoint, await gateway.upstream.read(resp, backend.name), body)
@@ -132,23 +203,60 @@ async def _forward(gateway: Gateway, call: Call, lease: Lease, backends: Sequenc
                 raise
             backend = by_name[await lease.move([Slot(b.name, b.config.slots) for b in others])]
 
+    headers = [(b"x-request-id", call.request_id.encode()),
+               *((name.encode(), value.encode()) for name, value in lease.usage.headers().items())]
     if streaming:
-        # The background task is a safety net: if the client leaves before the stream's first
-        # step runs, the generator never starts and its `finally` never runs.
-        return Stream(_settled_stream(_prepend(first, chunks), call, outcome), media_type="text/event-stream",
-                      headers={**SSE_HEADERS, **headers}, background=BackgroundTask(call.abandon, resp))
+        await _relay(exchange, call, headers, first, chunks, outcome)
+        return
     data["model"] = route.public
+    # The answer goes out first: the bookkeeping (and a Redis release) is not the client's wait.
+    await exchange.reply(encode(data), headers)
     await call.finish(200, data.get("usage"))
-    return Response(encode(data), media_type=JSON, headers=headers)
 
 
-async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _relay(exchange: Exchange, call: Call, headers: list[tuple[bytes, bytes]], first: bytes,
+                 chunks: AsyncIterator[bytes], outcome: StreamOutcome) -> None:
+    """Write the stream. A client that leaves cancels the writing (uvicorn drops writes to a
+    closed connection silently, so nothing else would tell), which closes the upstream response,
+    which stops the generation."""
+    task = asyncio.current_task()
+    assert task is not None
+    writing = True
+    left = False
+
+    def on_disconnect(watch: asyncio.Future[None]) -> None:
+        nonlocal left
+        if writing and not watch.cancelled():
+            left = True
+            task.cancel()
+
+    watcher = asyncio.ensure_future(exchange.disconnected())
+    watcher.add_done_callback(on_disconnect)
+    send = exchange.send
     try:
-        yield first
-        async for piece in rest:
-            yield piece
+        await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]})
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+        async for piece in chunks:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        writing = False
+        await send({"type": "http.response.body", "body": b""})
+    except asyncio.CancelledError:
+        if not left:
+            raise
+        task.uncancel()
     finally:
-        await rest.aclose()  # closes the upstream response if the client left early
+        writing = False
+        watcher.cancel()
+        await chunks.aclose()  # closes the upstream response if the stream did not finish
+        # 499: the client went away before the end (nginx's convention).
+        status = 499 if left else (outcome.error.status if outcome.error else (200 if outcome.finished else 499))
+        if outcome.first_chunk_at is not None:
+            model = call.model
+            metrics.child(metrics.time_to_first_token, model).observe(outcome.first_chunk_at - call.started)
+            if outcome.chunks > 1:
+                gap = (time.perf_counter() - outcome.first_chunk_at) / (outcome.chunks - 1)
+                metrics.child(metrics.inter_token_latency, model).observe(gap)
+        await call.finish(status, outcome.usage)
 
 
 def _retryable(exc: GatewayError) -> bool:
@@ -163,22 +271,6 @@ def _apply_override(override: ModelOverride, body: dict[str, Any], raw: bytes) -
         raise BodyTooLarge(f"The request body is larger than this model accepts ({override.max_body} bytes).")
     for name, value in override.defaults.items():
         body.setdefault(name, value)
-
-
-async def _settled_stream(chunks: AsyncIterator[bytes], call: Call, outcome: StreamOutcome) -> AsyncIterator[bytes]:
-    try:
-        async for piece in chunks:
-            yield piece
-    finally:
-        # 499: the client went away before the end (nginx's convention).
-        status = outcome.error.status if outcome.error else (200 if outcome.finished else 499)
-        if outcome.first_chunk_at is not None:
-            model = call.model
-            metrics.child(metrics.time_to_first_token, model).observe(outcome.first_chunk_at - call.started)
-            if outcome.chunks > 1:
-                gap = (time.perf_counter() - outcome.first_chunk_at) / (outcome.chunks - 1)
-                metrics.child(metrics.inter_token_latency, model).observe(gap)
-        await call.finish(status, outcome.usage)
 
 
 class Call:
@@ -217,11 +309,6 @@ class Call:
         backend.last_used = time.monotonic()
         backend.inflight -= 1
         metrics.child(metrics.inflight, backend.name).dec()
-
-    async def abandon(self, resp: Any) -> None:
-        if not self.finished:
-            resp.close()
-            await self.finish(499, None)
 
     async def finish(self, status: int, usage: dict[str, Any] | None) -> None:
         if self.finished:
@@ -278,20 +365,9 @@ def _ticket(gateway: Gateway, principal: Principal, route: Route, backends: Sequ
     )
 
 
-async def _disconnect(request: Request[Any, Any, Any]) -> None:
-    """Returns when the client goes away (the body is already read, so nothing else arrives)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 # Random per process, then a counter: unique across replicas without a system call per request.
 _ID_PREFIX = "req_" + secrets.token_hex(6)
 _ids = itertools.count(1)
-
-
-def _request_id(request: Request[Any, Any, Any]) -> str:
-    given = request.headers.get("x-request-id")
-    return given if given and _REQUEST_ID.match(given) else f"{_ID_PREFIX}{next(_ids):x}"
 
 
 def _upstream_headers(backend: Backend, request_id: str) -> dict[str, str]:
@@ -301,41 +377,38 @@ def _upstream_headers(backend: Backend, request_id: str) -> dict[str, str]:
     return headers
 
 
-@post("/v1/chat/completions", status_code=200)
-async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
-    return await _serve(request, "chat")
+def _handler(endpoint: Endpoint) -> Any:
+    async def handle(scope: Scope, receive: Receive, send: Send) -> None:
+        await _serve(scope, receive, send, endpoint)
+
+    return asgi(PATHS[endpoint], name=endpoint, copy_scope=False)(handle)
 
 
-@post("/v1/completions", status_code=200)
-async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
-    return await _serve(request, "completions")
-
-
-@post("/v1/embeddings", status_code=200)
-async def embeddings(request: Request[Any, Any, Any]) -> Response[Any]:
-    return await _serve(request, "embeddings")
+chat_completions = _handler("chat")
+completions = _handler("completions")
+embeddings = _handler("embeddings")
 
 
 @get("/v1/models")
 async def list_models(request: Request[Any, Any, Any]) -> Response[Any]:
     gateway: Gateway = request.app.state.gateway
-    principal = gateway.keys.authenticate(request)
+    principal = gateway.keys.authenticate(request.headers.get("authorization"))
     data = [{"id": name, "object": "model", "created": gateway.started, "owned_by": owner}
             for name, owner in gateway.models.listing() if principal.may_use(gateway.models.resolve(name))]
-    return Response(encode({"object": "list", "data": data}), media_type=JSON)
+    return Response(encode({"object": "list", "data": data}), media_type="application/json")
 
 
 @get("/v1/models/{model:path}")
 async def get_model(request: Request[Any, Any, Any], model: str) -> Response[Any]:
     gateway: Gateway = request.app.state.gateway
-    principal = gateway.keys.authenticate(request)
+    principal = gateway.keys.authenticate(request.headers.get("authorization"))
     model = model.lstrip("/")  # model ids may contain slashes (`org/name`)
     owner = dict(gateway.models.listing()).get(model)
     if owner is None:
         raise ModelNotFound(model)
     principal.check_model(gateway.models.resolve(model))
     return Response(encode({"id": model, "object": "model", "created": gateway.started, "owned_by": owner}),
-                    media_type=JSON)
+                    media_type="application/json")
 
 
 ROUTES = [chat_completions, completions, embeddings, list_models, get_model]
