@@ -70,6 +70,7 @@ class KeyCache:
         self._required = auth.required
         self._by_hash: dict[str, ApiKey] = {}
         self._by_id: dict[str, ApiKey] = {}
+        self._principals: dict[str, Principal] = {}  # key id -> its Principal, rebuilt with the cache
         self._task: asyncio.Task[None] | None = None
         self.set_defaults(defaults)
 
@@ -77,6 +78,7 @@ class KeyCache:
         """Limits for keys that set none (a config reload may change them)."""
         self._defaults = defaults
         self._anonymous = Principal("anonymous", None, defaults.rpm, defaults.tpm, defaults.max_concurrency, 0)
+        self._principals = {key.id: self._principal(key) for key in self._by_id.values()}
 
     async def start(self) -> None:
         await self.reload()
@@ -103,6 +105,18 @@ class KeyCache:
     def _rebuild(self) -> None:
         now = time.time()
         self._by_hash = {h: k for k in self._by_id.values() for h in k.hashes(now)}
+        self._principals = {key.id: self._principal(key) for key in self._by_id.values()}
+
+    def _principal(self, key: ApiKey) -> Principal:
+        d = self._defaults
+        return Principal(
+            key_id=key.id,
+            models=frozenset(key.models) if key.models is not None else None,
+            rpm=key.rpm if key.rpm is not None else d.rpm,
+            tpm=key.tpm if key.tpm is not None else d.tpm,
+            max_concurrency=key.max_concurrency if key.max_concurrency is not None else d.max_concurrency,
+            priority=key.priority,
+        )
 
     async def _follow(self) -> None:
         changes = self._store.key_changes()
@@ -133,15 +147,8 @@ class KeyCache:
         digest = hash_secret(secret)
         key = self._by_hash.get(digest)
         now = time.time()
-        # The dict lookup finds the candidate; the final comparison is constant-time anyway.
-        if key is None or not any(hmac.compare_digest(digest, h) for h in key.hashes(now)) or not key.usable(now):
+        # Found by its hash, so comparing secrets again would add nothing; what is checked is that
+        # this hash still opens the key (a rotated-out secret's grace period ends) and the key is live.
+        if key is None or not key.usable(now) or (digest != key.hash and digest not in key.hashes(now)):
             raise AuthenticationFailed("Incorrect API key provided, or the key was revoked or has expired.")
-        d = self._defaults
-        return Principal(
-            key_id=key.id,
-            models=frozenset(key.models) if key.models is not None else None,
-            rpm=key.rpm if key.rpm is not None else d.rpm,
-            tpm=key.tpm if key.tpm is not None else d.tpm,
-            max_concurrency=key.max_concurrency if key.max_concurrency is not None else d.max_concurrency,
-            priority=key.priority,
-        )
+        return self._principals[key.id]

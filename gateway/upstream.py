@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import yarl
 
 from adapters.base import Adapter, UpstreamRequest
 from gateway import metrics
@@ -28,6 +29,7 @@ class Upstream:
     def __init__(self, *, connect_timeout: float, request_timeout: float) -> None:
         self._timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=connect_timeout)
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[tuple[str, str], yarl.URL] = {}
 
     async def open(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -37,11 +39,20 @@ class Upstream:
             auto_decompress=False,
             # Headers no runtime reads; leaving them out saves work on every request.
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+            # Runtimes set no cookies; the default jar would still be searched on every request.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+    def _url(self, base_url: str, path: str) -> yarl.URL:
+        # Parsed once per backend and path rather than on every request.
+        url = self._urls.get((base_url, path))
+        if url is None:
+            url = self._urls[(base_url, path)] = yarl.URL(base_url + path)
+        return url
 
     async def send(self, base_url: str, adapter: Adapter, request: UpstreamRequest, *, backend: str,
                    headers: dict[str, str], timeout: float | None = None) -> aiohttp.ClientResponse:
@@ -53,7 +64,7 @@ class Upstream:
         assert self._session is not None
         try:
             resp = await self._session.post(
-                base_url + request.path, data=encode(request.body),
+                self._url(base_url, request.path), data=encode(request.body),
                 headers={"content-type": "application/json", **headers},
                 timeout=self._timeout if timeout is None else aiohttp.ClientTimeout(
                     total=timeout, sock_connect=self._timeout.sock_connect))

@@ -217,6 +217,11 @@ class MemoryAdmission(Admission):
     def _dispatch(self) -> None:
         """Grant every waiter that can run now, fairest first; then set a timer for the moment
         a rate window will let the next one in. Failovers first: they were admitted already."""
+        if not self._waiting and not self._movers:  # the common case: nobody to hand a slot to
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            return
         for mover in list(self._movers):
             backend = self._free_slot(mover.backends)
             if backend is not None:

@@ -8,7 +8,9 @@ says them), every decision one atomic Lua script (lua/*.lua) on the Redis server
                                its own waiters there), or
                              - from the listener: BLMPOP on this replica's notify list
                              plus a local timer at the next moment a window or a lease frees
-    Lease.settle / release ──settle|release.lua──> each one dispatches the queue
+    Lease.settle ──settle.lua──> dispatches the queue
+    Lease.release: gathered for up to RELEASE_GATHER, then sent inside the next acquire.lua call,
+                   or alone (release.lua, a batch) if none comes; both dispatch the queue
     Lease.move ──move.lua──> a free slot on another backend, or a wait for one ahead of the
                              queue (the request was admitted already), told back like a grant
     waiter timed out, client left, cancelled ──leave.lua──> out of the queue, or a grant won
@@ -52,6 +54,9 @@ log = logging.getLogger("gateway.admission")
 OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
 LISTEN_BLOCK = 2.0  # seconds one BLMPOP waits for grants
 TIMER_SLACK = 0.01  # wake a little after a window frees, so grants close together go in one dispatch
+# How long a finished request's release may wait to ride along with this replica's next acquire
+# (one round trip instead of two per request while busy); when quiet it goes on its own.
+RELEASE_GATHER = 0.002
 SCRIPTS = ("acquire", "release", "settle", "move", "leave", "dispatch", "renew")
 
 
@@ -110,6 +115,8 @@ class RedisAdmission(Admission):
         self._leases: dict[str, RedisLease] = {}  # renewed while they live
         self._waiters: dict[str, _Waiter] = {}  # queue entry -> its waiter, renewed too
         self._movers: dict[str, asyncio.Future[str | None]] = {}  # lease -> its failover's wait
+        self._releasing: list[Any] = []  # gathered releases: lease, key, backend, tokens ('' unknown)
+        self._release_timer: asyncio.TimerHandle | None = None
         # `local` mode: this replica's share of every limit while Redis is away.
         self._fallback = (MemoryAdmission(max_depth=max_depth, share=1.0 / replicas, window=window)
                           if failure_mode == "local" else None)
@@ -145,6 +152,11 @@ class RedisAdmission(Admission):
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
+        if self._releasing and self._up:
+            await self._send_releases(self._take_releases())
         listener, renew = self._loops or (None, None)
         if renew is not None:
             renew.cancel()
@@ -189,22 +201,29 @@ class RedisAdmission(Admission):
         # Registered before the call: a grant may reach the listener before this reply does.
         self._waiters[entry] = waiter
         priority = max(-100, min(100, limits.priority))
+        releases = self._take_releases()
         try:
             reply = await self._run("acquire", entry, ticket.key_id, priority, 1 if ticket.max_wait > 0 else 0,
-                                    self._max_depth, *_ticket_args(ticket))
+                                    self._max_depth, *releases, *_ticket_args(ticket))
         except OUTAGE as exc:
             self._waiters.pop(entry, None)
-            self._trip(exc)
+            self._trip(exc)  # the releases are lost with it: those leases expire, unrenewed
             return await self._degraded(ticket, disconnected, waiter.since)
         except BaseException:
+            self._give_back(releases)  # sent or not: releasing twice is harmless
             self._abandon(entry, ticket)
             raise
         status = _text(reply[0])
         if status == "granted":
             self._waiters.pop(entry, None)
-            return self._lease(ticket, _grant(reply[2]), 0.0)
+            lease = self._lease(ticket, _grant(reply[2]), 0.0)
+            if releases[0]:
+                self._absorb(reply)  # what the releases freed may have gone to waiters here
+            return lease
         if status == "refused":
             self._waiters.pop(entry, None)
+            if releases[0]:
+                self._absorb(reply)
             raise self._refusal(ticket, reply[2])
         metrics.queue_depth.labels(ticket.model).inc()
         try:
@@ -298,12 +317,40 @@ class RedisAdmission(Admission):
         return lease
 
     async def _release(self, lease: RedisLease, tokens: int | None = None) -> None:
-        self._leases.pop(lease.id, None)
+        self._leases.pop(lease.id, None)  # no longer renewed: if the release is lost, it expires
         if not self._up:
             return  # it expires in Redis within the lease TTL, unrenewed
-        settle = () if tokens is None else (int(tokens),)
+        self._releasing += (lease.id, lease.ticket.key_id, lease.backend, "" if tokens is None else int(tokens))
+        if self._release_timer is None:
+            self._release_timer = asyncio.get_running_loop().call_later(RELEASE_GATHER, self._flush_releases)
+
+    def _take_releases(self) -> list[Any]:
+        """The gathered releases as script arguments: how many, then four fields each."""
+        batch = self._releasing
+        if not batch:
+            return [0]
+        self._releasing = []
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
+        return [len(batch) // 4, *batch]
+
+    def _give_back(self, releases: list[Any]) -> None:
+        if releases[0]:
+            self._releasing += releases[1:]
+            if self._release_timer is None:
+                self._release_timer = asyncio.get_running_loop().call_later(RELEASE_GATHER, self._flush_releases)
+
+    def _flush_releases(self) -> None:
+        """No acquire took the releases along in time: they go on their own."""
+        self._release_timer = None
+        releases = self._take_releases()
+        if releases[0] and self._up:
+            self._spawn(self._send_releases(releases))
+
+    async def _send_releases(self, releases: list[Any]) -> None:
         try:
-            self._absorb(await self._run("release", lease.id, lease.ticket.key_id, lease.backend, *settle))
+            self._absorb(await self._run("release", *releases))
         except OUTAGE as exc:
             self._trip(exc)
 
@@ -419,7 +466,7 @@ class RedisAdmission(Admission):
 
     async def _release_quietly(self, lease_id: str, key: str, backend: str) -> None:
         try:
-            self._absorb(await self._run("release", lease_id, key, backend))
+            self._absorb(await self._run("release", 1, lease_id, key, backend, ""))
         except OUTAGE as exc:
             self._trip(exc)
 

@@ -230,12 +230,16 @@ async def _relay(exchange: Exchange, call: Call, headers: list[tuple[bytes, byte
             left = True
             task.cancel()
 
-    watcher = asyncio.ensure_future(exchange.disconnected())
-    watcher.add_done_callback(on_disconnect)
+    watcher: asyncio.Future[None] | None = None
     send = exchange.send
     try:
         await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]})
         await send({"type": "http.response.body", "body": first, "more_body": True})
+        if not (outcome.finished or outcome.error):
+            # Only a stream that waits on the runtime needs watching (a short answer often
+            # arrives whole in the first read).
+            watcher = asyncio.ensure_future(exchange.disconnected())
+            watcher.add_done_callback(on_disconnect)
         async for piece in chunks:
             await send({"type": "http.response.body", "body": piece, "more_body": True})
         writing = False
@@ -246,7 +250,8 @@ async def _relay(exchange: Exchange, call: Call, headers: list[tuple[bytes, byte
         task.uncancel()
     finally:
         writing = False
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
         await chunks.aclose()  # closes the upstream response if the stream did not finish
         # 499: the client went away before the end (nginx's convention).
         status = 499 if left else (outcome.error.status if outcome.error else (200 if outcome.finished else 499))

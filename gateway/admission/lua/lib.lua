@@ -299,6 +299,25 @@ local function settle_cost(lease, key, tokens)
   return tokens < old
 end
 
+-- A finished request: its slot and its key's concurrency go back; with its real token count
+-- (not '') that count replaces the estimate in the key's window. Releasing twice is harmless.
+local function release_lease(lease, key, backend, tokens)
+  if tokens ~= '' then settle_cost(lease, key, tonumber(tokens)) end
+  drop(K.slots(backend), lease)
+  drop(K.run(key), lease)
+end
+
+-- The releases a replica gathered: ARGV[at] says how many, then lease, key, backend, tokens for
+-- each. Returns where the next argument starts.
+local function release_batch(at)
+  local n = tonumber(ARGV[at])
+  for i = 0, n - 1 do
+    local j = at + 1 + 4 * i
+    release_lease(ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3])
+  end
+  return at + 1 + 4 * n
+end
+
 local function dispatch()
   local mine = {}
   local wake
