@@ -234,12 +234,15 @@ async def _relay(exchange: Exchange, call: Call, headers: list[tuple[bytes, byte
     send = exchange.send
     try:
         await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]})
+        if outcome.finished or outcome.error:
+            # The whole stream came in the first read (a short answer often does): one last write,
+            # and nothing to wait on, so no watcher.
+            writing = False
+            await send({"type": "http.response.body", "body": first})
+            return
         await send({"type": "http.response.body", "body": first, "more_body": True})
-        if not (outcome.finished or outcome.error):
-            # Only a stream that waits on the runtime needs watching (a short answer often
-            # arrives whole in the first read).
-            watcher = asyncio.ensure_future(exchange.disconnected())
-            watcher.add_done_callback(on_disconnect)
+        watcher = asyncio.ensure_future(exchange.disconnected())
+        watcher.add_done_callback(on_disconnect)
         async for piece in chunks:
             await send({"type": "http.response.body", "body": piece, "more_body": True})
         writing = False
