@@ -34,7 +34,9 @@ class Upstream:
     async def open(self) -> None:
         self._session = aiohttp.ClientSession(
             # No global cap: the admission step bounds concurrency per backend, not the pool.
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True),
+            # Idle connections are dropped after 4 s, before the runtimes' own keep-alive timeouts
+            # (llama-server's and uvicorn's are 5 s) can close one under a request.
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4, enable_cleanup_closed=True),
             timeout=self._timeout,
             auto_decompress=False,
             # Headers no runtime reads; leaving them out saves work on every request.
@@ -62,12 +64,19 @@ class Upstream:
         the caller may try another backend.
         """
         assert self._session is not None
+        url, data = self._url(base_url, request.path), encode(request.body)
+        headers = {"content-type": "application/json", **headers}
+        timeouts = self._timeout if timeout is None else aiohttp.ClientTimeout(
+            total=timeout, sock_connect=self._timeout.sock_connect)
         try:
-            resp = await self._session.post(
-                self._url(base_url, request.path), data=encode(request.body),
-                headers={"content-type": "application/json", **headers},
-                timeout=self._timeout if timeout is None else aiohttp.ClientTimeout(
-                    total=timeout, sock_connect=self._timeout.sock_connect))
+            try:
+                resp = await self._session.post(url, data=data, headers=headers, timeout=timeouts)
+            except aiohttp.ServerDisconnectedError:
+                # Nearly always a kept-alive connection the runtime closed just as it was taken
+                # from the pool (its close not yet seen), so the runtime never read the request:
+                # once more, on another connection, rather than fail it over that race. A runtime
+                # that really died fails the second try too, and the caller fails over as before.
+                resp = await self._session.post(url, data=data, headers=headers, timeout=timeouts)
         except asyncio.TimeoutError:
             metrics.upstream_errors.labels(backend, "timeout").inc()
             raise UpstreamTimeout("The backend for this model did not answer in time.") from None

@@ -126,7 +126,11 @@ def _too_large() -> bytes:
 
 async def _serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
     if scope["method"] != "POST":
-        raise MethodNotAllowed("This path does not accept that HTTP method.", headers={"allow": "POST"})
+        if scope["method"] == "OPTIONS":  # as Litestar answers it for its own routes
+            await send({"type": "http.response.start", "status": 204, "headers": [(b"allow", b"OPTIONS, POST")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        raise MethodNotAllowed("This path does not accept that HTTP method.", headers={"allow": "OPTIONS, POST"})
     gateway: Gateway = scope["app"].state.gateway
     exchange = Exchange(scope, receive, send, gateway.affinity_header)
     call = Call(gateway, endpoint, exchange.request_id)
@@ -154,7 +158,7 @@ async def _serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint)
     except GatewayError as exc:
         exc.headers.setdefault("x-request-id", call.request_id)
         if call.route is not None:
-            await call.finish(exc.status, None)
+            await call.finish(exc.status, None, error=exc.message)
         raise  # rendered once, by the app's exception handler, as an OpenAI error
     except BaseException:  # a bug, or cancellation: the lease must still go back
         if call.route is not None:
@@ -264,7 +268,7 @@ async def _relay(exchange: Exchange, call: Call, headers: list[tuple[bytes, byte
             if outcome.chunks > 1:
                 gap = (time.perf_counter() - outcome.first_chunk_at) / (outcome.chunks - 1)
                 metrics.child(metrics.inter_token_latency, model).observe(gap)
-        await call.finish(status, outcome.usage)
+        await call.finish(status, outcome.usage, error=outcome.error.message if outcome.error else None)
 
 
 def _retryable(exc: GatewayError) -> bool:
@@ -318,7 +322,7 @@ class Call:
         backend.inflight -= 1
         metrics.child(metrics.inflight, backend.name).dec()
 
-    async def finish(self, status: int, usage: dict[str, Any] | None) -> None:
+    async def finish(self, status: int, usage: dict[str, Any] | None, error: str | None = None) -> None:
         if self.finished:
             return
         self.finished = True
@@ -342,6 +346,7 @@ class Call:
                 "request_id": self.request_id, "key_id": self.key_id, "model": model, "backend": backend_name,
                 "endpoint": self.endpoint, "status": status, "prompt_tokens": prompt,
                 "completion_tokens": completion, "duration_ms": round((time.perf_counter() - self.started) * 1000, 1),
+                **({"error": error} if error else {}),
             })
         if self.gateway.config.metrics.key_labels:
             metrics.key_requests.labels(self.key_id, model, status_class).inc()

@@ -152,6 +152,8 @@ def test_body_over_max_body_is_413(http: httpx.Client) -> None:
 def test_unknown_path_and_method(http: httpx.Client) -> None:
     assert _error(http.get("/v1/nothing"), 404)["code"] == "not_found"
     assert _error(http.get("/v1/chat/completions"), 405)["code"] == "method_not_allowed"
+    preflight = http.options("/v1/embeddings")
+    assert preflight.status_code == 204 and "POST" in preflight.headers["allow"]
 
 
 def test_upstream_error_keeps_its_status(http: httpx.Client) -> None:
