@@ -112,8 +112,9 @@ class Lease:
         raise NotImplementedError
 
     async def release(self, tokens: int | None = None) -> None:  # noqa: B027
-        """Free the slot and concurrency; with `tokens`, settle first in the same step (one
-        round trip on Redis instead of two)."""
+        """Free the slot and concurrency; with `tokens`, settle first in the same step. On Redis
+        the release is gathered and rides along with the replica's next acquire (at most
+        RELEASE_GATHER later), so returning does not mean Redis has seen it yet."""
 
 
 Disconnected = Callable[[], Awaitable[object]]
