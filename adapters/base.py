@@ -147,20 +147,18 @@ class Adapter:
         """The runtime's stream -> OpenAI chunk objects, one by one; raises UpstreamError on an
         error event (after the chunks before it). The gateway's relay feeds `decoder()` itself,
         a whole read at a time; this is the same decoding for callers that want single chunks."""
-        decoder = self.decoder(endpoint)
-        async for piece in data:
+        decoder, pieces = self.decoder(endpoint), aiter(data)
+        while not decoder.finished:
+            piece = await anext(pieces, None)
             out: list[dict[str, Any]] = []
             try:
-                decoder.feed(piece, out)
+                if piece is None:
+                    decoder.end(out)  # raises unless the stream ended properly
+                else:
+                    decoder.feed(piece, out)
             finally:
                 for chunk in out:
                     yield chunk
-        out = []
-        try:
-            decoder.end(out)
-        finally:
-            for chunk in out:
-                yield chunk
 
     def error(self, status: int | None, body: bytes) -> UpstreamError:
         """Any error body the runtime may send -> an OpenAI-shaped error keeping the status.
@@ -205,6 +203,9 @@ def _normal_type(value: Any, status: int) -> str | None:
     return value if value in known else None
 
 
+ErrorMapper = Callable[[int | None, bytes], UpstreamError]  # Adapter.error: (status or None in a stream, body)
+
+
 class StreamDecoder:
     """One runtime stream, fed as its bytes arrive (split anywhere), -> OpenAI chunk objects.
 
@@ -213,6 +214,8 @@ class StreamDecoder:
     Chunks go into `out` as they are decoded, so the ones before an error event still reach the
     client when `feed` raises it.
     """
+
+    unit = "line"  # what the runtime's stream is made of, for the errors about one
 
     def __init__(self) -> None:
         self._partial = b""
@@ -242,6 +245,15 @@ class StreamDecoder:
     def line(self, line: bytes, out: list[dict[str, Any]]) -> None:
         raise NotImplementedError
 
+    def json_object(self, payload: bytes) -> dict[str, Any]:
+        try:
+            value = _decode(payload)
+        except msgspec.DecodeError:
+            raise UpstreamError(502, f"The backend sent a stream {self.unit} that is not JSON.") from None
+        if not isinstance(value, dict):
+            raise UpstreamError(502, f"The backend sent a stream {self.unit} that is not a JSON object.")
+        return value
+
 
 class SSEDecoder(StreamDecoder):
     """Server-sent events whose data is an OpenAI chunk, ended by `data: [DONE]`.
@@ -249,8 +261,9 @@ class SSEDecoder(StreamDecoder):
     `shape` turns one chunk of the runtime into the chunks the client gets (none: as they are).
     """
 
-    def __init__(self, error: Callable[[int | None, bytes], UpstreamError],
-                 shape: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None) -> None:
+    unit = "event"
+
+    def __init__(self, error: ErrorMapper, shape: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None) -> None:
         super().__init__()
         self._error, self._shape = error, shape
 
@@ -260,12 +273,7 @@ class SSEDecoder(StreamDecoder):
             if payload == b"[DONE]":
                 self.finished = True
                 return
-            try:
-                chunk = _decode(payload)
-            except msgspec.DecodeError:
-                raise UpstreamError(502, "The backend sent a stream event that is not JSON.") from None
-            if not isinstance(chunk, dict):
-                raise UpstreamError(502, "The backend sent a stream event that is not a JSON object.")
+            chunk = self.json_object(payload)
             if "error" in chunk:
                 raise self._error(None, payload)
             if self._shape is None:

@@ -16,13 +16,12 @@ import base64
 import json
 import struct
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from adapters import shapes
-from adapters.base import Adapter, Launch, StreamDecoder, UpstreamRequest, find_binary
+from adapters.base import Adapter, ErrorMapper, Launch, StreamDecoder, UpstreamRequest, find_binary
 from gateway.errors import InvalidRequest, UpstreamError
 from gateway.openai import Endpoint
 
@@ -209,7 +208,7 @@ class NDJSONDecoder(StreamDecoder):
     finish chunk with `finish_reason` and usage from the `done` line. An `{"error": ...}` line
     (sent with HTTP 200) raises, and the core ends the stream with an OpenAI error event."""
 
-    def __init__(self, endpoint: Endpoint, error: Callable[[int | None, bytes], UpstreamError]) -> None:
+    def __init__(self, endpoint: Endpoint, error: ErrorMapper) -> None:
         super().__init__()
         self._endpoint, self._error = endpoint, error
         self._chat = endpoint == "chat"
@@ -225,12 +224,7 @@ class NDJSONDecoder(StreamDecoder):
         return shapes.chunk(self._endpoint, data)
 
     def line(self, line: bytes, out: list[dict[str, Any]]) -> None:
-        try:
-            event = msgspec.json.decode(line)
-        except msgspec.DecodeError:
-            raise UpstreamError(502, "The backend sent a stream line that is not JSON.") from None
-        if not isinstance(event, dict):
-            raise UpstreamError(502, "The backend sent a stream line that is not a JSON object.")
+        event = self.json_object(line)
         if "error" in event:
             raise self._error(None, line)
         self._base["model"] = event.get("model") or self._base["model"]

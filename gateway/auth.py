@@ -78,7 +78,7 @@ class KeyCache:
         """Limits for keys that set none (a config reload may change them)."""
         self._defaults = defaults
         self._anonymous = Principal("anonymous", None, defaults.rpm, defaults.tpm, defaults.max_concurrency, 0)
-        self._principals = {key.id: self._principal(key) for key in self._by_id.values()}
+        self._rebuild()  # every key's Principal carries the defaults it does not override
 
     async def start(self) -> None:
         await self.reload()

@@ -218,9 +218,7 @@ class MemoryAdmission(Admission):
         """Grant every waiter that can run now, fairest first; then set a timer for the moment
         a rate window will let the next one in. Failovers first: they were admitted already."""
         if not self._waiting and not self._movers:  # the common case: nobody to hand a slot to
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            self._cancel_timer()
             return
         for mover in list(self._movers):
             backend = self._free_slot(mover.backends)
@@ -253,10 +251,13 @@ class MemoryAdmission(Admission):
                 break
         self._arm_timer(now)
 
-    def _arm_timer(self, now: float) -> None:
+    def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _arm_timer(self, now: float) -> None:
+        self._cancel_timer()
         wake = [self._keys[w.ticket.key_id] for key in self._keys.values() for w in key.queue[:1]
                 if w.blocked in ("rpm", "tpm")]
         times = [k.requests[0] + self._window for k in wake if k.requests]

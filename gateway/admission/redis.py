@@ -320,7 +320,11 @@ class RedisAdmission(Admission):
         self._leases.pop(lease.id, None)  # no longer renewed: if the release is lost, it expires
         if not self._up:
             return  # it expires in Redis within the lease TTL, unrenewed
-        self._releasing += (lease.id, lease.ticket.key_id, lease.backend, "" if tokens is None else int(tokens))
+        self._gather([lease.id, lease.ticket.key_id, lease.backend, "" if tokens is None else int(tokens)])
+
+    def _gather(self, fields: list[Any]) -> None:
+        """Releases (four fields each) to send with the next acquire, or alone after RELEASE_GATHER."""
+        self._releasing += fields
         if self._release_timer is None:
             self._release_timer = asyncio.get_running_loop().call_later(RELEASE_GATHER, self._flush_releases)
 
@@ -337,9 +341,7 @@ class RedisAdmission(Admission):
 
     def _give_back(self, releases: list[Any]) -> None:
         if releases[0]:
-            self._releasing += releases[1:]
-            if self._release_timer is None:
-                self._release_timer = asyncio.get_running_loop().call_later(RELEASE_GATHER, self._flush_releases)
+            self._gather(releases[1:])
 
     def _flush_releases(self) -> None:
         """No acquire took the releases along in time: they go on their own."""

@@ -87,13 +87,8 @@ class Exchange:
         `limit`: never read whole into memory."""
         if self.content_length is not None and self.content_length > limit:
             raise BodyTooLarge(TOO_LARGE)
-        message = await self.receive()
-        if message["type"] == "http.disconnect":
-            raise ClientClosedRequest("The client disconnected before sending its request.")
-        body = message.get("body", b"")
-        if not message.get("more_body"):
-            return body if len(body) <= limit else _too_large()
-        parts, size = [body], len(body)
+        parts: list[bytes] = []
+        size = 0
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
@@ -101,10 +96,10 @@ class Exchange:
             part = message.get("body", b"")
             size += len(part)
             if size > limit:
-                _too_large()
-            parts.append(part)
+                raise BodyTooLarge(TOO_LARGE)
             if not message.get("more_body"):
-                return b"".join(parts)
+                return b"".join([*parts, part]) if parts else part  # most bodies come in one message
+            parts.append(part)
 
     async def disconnected(self) -> None:
         """Returns when the client goes away (the body is already read, so nothing else arrives)."""
@@ -118,10 +113,6 @@ class Exchange:
 
 
 TOO_LARGE = "The request body is larger than this gateway accepts (server.max_body)."
-
-
-def _too_large() -> bytes:
-    raise BodyTooLarge(TOO_LARGE)
 
 
 async def _serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
