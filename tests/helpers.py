@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,6 +104,14 @@ class GatewayProcess:
         response = self.admin("POST", "/admin/keys", json={"name": "test", **fields})
         assert response.status_code == 201, response.text
         return str(response.json()["key"])
+
+    def http(self, key: str) -> httpx.Client:
+        """A client for the gateway that sends `key` (close it, or use it in `with`)."""
+        return httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {key}"}, timeout=60)
+
+    def openai(self, key: str) -> openai.OpenAI:
+        """The official SDK on the gateway, with `key`, and no retries hiding a failure."""
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]

@@ -67,11 +67,10 @@ def runtimes_key(runtimes_gateway: GatewayProcess) -> str:
 
 @pytest.fixture(scope="package")
 def client(runtimes_gateway: GatewayProcess, runtimes_key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=runtimes_gateway.url + "/v1", api_key=runtimes_key, max_retries=0, timeout=60)
+    return runtimes_gateway.openai(runtimes_key)
 
 
 @pytest.fixture(scope="package")
 def http(runtimes_gateway: GatewayProcess, runtimes_key: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=runtimes_gateway.url, headers={"authorization": f"Bearer {runtimes_key}"},
-                      timeout=60) as session:
+    with runtimes_gateway.http(runtimes_key) as session:
         yield session

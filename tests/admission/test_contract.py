@@ -6,44 +6,60 @@ Windows are shortened to WINDOW seconds so rate behaviour is observable without 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
+import redis.asyncio as aioredis
 
 from gateway.admission import Admission, Lease, Limits, MemoryAdmission, Slot, Ticket
+from gateway.admission.redis import RedisAdmission
 from gateway.errors import BackendUnavailable, ClientClosedRequest, RateLimited
 
 WINDOW = 1.5
 MakeAdmission = Callable[..., Awaitable[Admission]]
+AdmissionT = TypeVar("AdmissionT", bound=Admission)
+
+
+class Admissions:
+    """The admissions one test builds, all stopped (and their Redis clients closed) after it."""
+
+    def __init__(self) -> None:
+        self._made: list[Admission] = []
+        self._clients: list[aioredis.Redis] = []
+
+    async def memory(self, max_depth: int = 1000) -> Admission:
+        return await self._started(MemoryAdmission(max_depth=max_depth, window=WINDOW))
+
+    async def redis(self, redis_url: str, max_depth: int = 1000, lease_ttl: float = 5.0,
+                    **kwargs: Any) -> RedisAdmission:
+        client = aioredis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self._clients.append(client)
+        admission = RedisAdmission(client, max_depth=max_depth, window=WINDOW, lease_ttl=lease_ttl, **kwargs)
+        return await self._started(admission)
+
+    async def _started(self, admission: AdmissionT) -> AdmissionT:
+        await admission.start()
+        self._made.append(admission)
+        return admission
+
+    async def close(self) -> None:
+        for admission in self._made:
+            await admission.stop()
+        for client in self._clients:
+            await client.aclose()
 
 
 @pytest.fixture(params=["memory", "redis"])
 async def make_admission(request: pytest.FixtureRequest) -> AsyncIterator[MakeAdmission]:
-    made: list[Admission] = []
-    clients: list[Any] = []
-
-    async def make(max_depth: int = 1000) -> Admission:
-        if request.param == "memory":
-            admission: Admission = MemoryAdmission(max_depth=max_depth, window=WINDOW)
-        else:
-            import redis.asyncio as aioredis
-
-            from gateway.admission.redis import RedisAdmission
-
-            client = aioredis.Redis.from_url(request.getfixturevalue("redis_url"))
-            clients.append(client)
-            admission = RedisAdmission(client, max_depth=max_depth, window=WINDOW, lease_ttl=5.0)
-        await admission.start()
-        made.append(admission)
-        return admission
-
-    yield make
-    for admission in made:
-        await admission.stop()
-    for client in clients:
-        await client.aclose()
+    admissions = Admissions()
+    if request.param == "memory":
+        yield admissions.memory
+    else:
+        yield functools.partial(admissions.redis, request.getfixturevalue("redis_url"))
+    await admissions.close()
 
 
 def ticket(key: str = "k1", *, backends: tuple[tuple[str, int], ...] = (("b1", 4),), cost: int = 10,

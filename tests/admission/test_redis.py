@@ -5,6 +5,7 @@ breaker's two failure modes. In one process, several RedisAdmission objects play
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -16,29 +17,16 @@ from gateway import metrics
 from gateway.admission import keys
 from gateway.admission.redis import RELEASE_GATHER, RedisAdmission
 from gateway.errors import BackendUnavailable, RateLimited
-from tests.admission.test_contract import WINDOW, ticket
+from tests.admission.test_contract import WINDOW, Admissions, ticket
 from tests.conftest import RedisServer
 Make = Callable[..., Awaitable[RedisAdmission]]
 
 
 @pytest.fixture
 async def make(redis_url: str) -> AsyncIterator[Make]:
-    made: list[RedisAdmission] = []
-    clients: list[aioredis.Redis] = []
-
-    async def make(max_depth: int = 1000, lease_ttl: float = 5.0, **kwargs: Any) -> RedisAdmission:
-        client = aioredis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-        clients.append(client)
-        admission = RedisAdmission(client, max_depth=max_depth, window=WINDOW, lease_ttl=lease_ttl, **kwargs)
-        await admission.start()
-        made.append(admission)
-        return admission
-
-    yield make
-    for admission in made:
-        await admission.stop()
-    for client in clients:
-        await client.aclose()
+    admissions = Admissions()
+    yield functools.partial(admissions.redis, redis_url)
+    await admissions.close()
 
 
 def count_commands(admission: RedisAdmission) -> list[str]:

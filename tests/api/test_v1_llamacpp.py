@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import httpx
 import openai
 import pytest
@@ -18,12 +20,13 @@ def api_key(llama_gateway: GatewayProcess) -> str:
 
 @pytest.fixture(scope="module")
 def client(llama_gateway: GatewayProcess, api_key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=llama_gateway.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
+    return llama_gateway.openai(api_key)
 
 
 @pytest.fixture(scope="module")
-def http(llama_gateway: GatewayProcess, api_key: str) -> httpx.Client:
-    return httpx.Client(base_url=llama_gateway.url, headers={"authorization": f"Bearer {api_key}"}, timeout=60)
+def http(llama_gateway: GatewayProcess, api_key: str) -> Iterator[httpx.Client]:
+    with llama_gateway.http(api_key) as session:
+        yield session
 
 
 def test_chat_completion(client: openai.OpenAI) -> None:

@@ -60,7 +60,7 @@ def traffic(llama_gateway: GatewayProcess) -> tuple[Samples, Samples, list[tuple
     """Scrape, send 2 plain and 2 streamed chats, scrape again."""
     key = llama_gateway.new_key(name="deploy-scrape")
     before = samples(scrape(llama_gateway))
-    with httpx.Client(base_url=llama_gateway.url, headers={"authorization": f"Bearer {key}"}, timeout=60) as client:
+    with llama_gateway.http(key) as client:
         usages = [chat(client, stream) for stream in (False, True, False, True)]
     after_text = scrape(llama_gateway)
     return before, samples(after_text), usages, after_text
@@ -133,7 +133,7 @@ def test_rate_limited_counter_matches_the_refusals(llama_gateway: GatewayProcess
     key = llama_gateway.new_key(name="deploy-tpm", tpm=50)
     before = samples(scrape(llama_gateway))
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 200}
-    with httpx.Client(base_url=llama_gateway.url, headers={"authorization": f"Bearer {key}"}, timeout=60) as client:
+    with llama_gateway.http(key) as client:
         statuses = [client.post("/v1/chat/completions", json=body).status_code for _ in range(3)]
     after = samples(scrape(llama_gateway))
     assert statuses == [429] * 3
