@@ -49,7 +49,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -95,12 +95,21 @@ class StartFailed(Exception):
     pass
 
 
-def free_port() -> int:
-    # The kernel picks an unused port; the tiny race until the runtime binds it ends, at worst,
-    # in a failed start, retried with a new port.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(taken: Collection[int] = ()) -> int:
+    """A port nothing is bound to now, and not in `taken`.
+
+    The kernel picks an unused port; the tiny race until the runtime binds it ends, at worst, in a
+    failed start, retried with a new port. `taken` covers what the kernel cannot know: the gateway's
+    own port, which uvicorn binds only after the backends have started, and ports other backends
+    were given but have not bound yet. Without it a backend could take the gateway's port.
+    """
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in taken:
+            return port
+    raise OSError(f"no free port outside {sorted(taken)} after 100 tries")
 
 
 # --- what the owner task reads from its queue ---------------------------------------------
@@ -142,7 +151,8 @@ class RuntimeProcess:
 
     def __init__(self, config: BackendConfig, adapter: Adapter, log_: BackendLog, probes: aiohttp.ClientSession,
                  *, inflight: Callable[[], int] = lambda: 0,
-                 on_state: Callable[[State, State, str], None] | None = None) -> None:
+                 on_state: Callable[[State, State, str], None] | None = None,
+                 taken_ports: Callable[[], Collection[int]] = frozenset) -> None:
         self.config = config
         self.name = config.name
         self.adapter = adapter
@@ -150,6 +160,7 @@ class RuntimeProcess:
         self._probes = probes
         self._inflight = inflight
         self._on_state = on_state
+        self._taken_ports = taken_ports  # ports this backend must not be given (see free_port)
         self.state = State.STOPPED
         self.reason = ""
         self.port: int | None = None
@@ -402,12 +413,12 @@ class RuntimeProcess:
         self._inbox.put_nowait(_StepDone(gen, step, ok))
 
     async def _spawn(self) -> None:
-        self.port = self.config.port or free_port()
         try:
+            self.port = self.config.port or free_port(self._taken_ports())
             launch = self.adapter.launch(self.config, self.port)
             if shutil.which(launch.argv[0]) is None:
                 raise FileNotFoundError(f"cannot execute {launch.argv[0]}: not found or not executable")
-        except (FileNotFoundError, NotImplementedError, PermissionError, ValueError) as exc:
+        except (OSError, NotImplementedError, ValueError) as exc:
             self._park(str(exc))  # a retry cannot fix a missing binary or an unusable config
             return
         self._mark = self.log.written

@@ -134,6 +134,8 @@ class Supervisor:
         self._probes: aiohttp.ClientSession | None = None
         # Called with a backend's name each time it becomes ready (e.g. routing forgets its failures).
         self.on_ready: list[Callable[[str], None]] = []
+        # uvicorn binds it only after start-up, when the backends are already running.
+        self._gateway_port = config.server.port
         log_dir = Path(config.data_dir) / "logs"
         for backend_config in config.backends:
             self.backends[backend_config.name] = Backend(
@@ -255,7 +257,16 @@ class Supervisor:
             self._pulse()
 
         return RuntimeProcess(backend.config, backend.adapter, backend.log, self._probes,
-                              inflight=lambda: backend.inflight, on_state=on_state)
+                              inflight=lambda: backend.inflight, on_state=on_state,
+                              taken_ports=lambda: self._taken_ports(backend))
+
+    def _taken_ports(self, backend: Backend) -> set[int]:
+        """The gateway's own port and every port another backend has or was given."""
+        taken = {self._gateway_port}
+        for other in self.backends.values():
+            if other is not backend:
+                taken.add(other.config.port or (other.process.port if other.process else None) or 0)
+        return taken
 
     async def _first_start(self, backend: Backend) -> None:
         assert backend.process is not None

@@ -18,8 +18,8 @@ async def supervise(tmp_path: Path) -> AsyncIterator[MakeSupervisor]:
     """Supervisors in this process over the given backend configs; all stopped at the end."""
     made: list[Supervisor] = []
 
-    async def make(*backends: dict[str, Any], start: bool = True) -> Supervisor:
-        raw = {"data_dir": str(tmp_path / f"data{len(made)}"), "backends": list(backends)}
+    async def make(*backends: dict[str, Any], start: bool = True, **sections: Any) -> Supervisor:
+        raw = {"data_dir": str(tmp_path / f"data{len(made)}"), "backends": list(backends), **sections}
         supervisor = Supervisor(parse(raw, base_dir=tmp_path, env={}))
         made.append(supervisor)
         if start:

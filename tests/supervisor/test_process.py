@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,8 +18,9 @@ import pytest
 from adapters.base import Launch
 from adapters.llamacpp import LlamaCppAdapter
 from gateway.supervisor import Backend, State
+from gateway.supervisor import process as process_module
 from gateway.supervisor.process import ALLOWED, StartFailed
-from tests.helpers import alive, descendants
+from tests.helpers import alive, descendants, free_port
 from tests.supervisor.conftest import MakeSupervisor
 from tests.supervisor.support import counter, fake, until
 
@@ -103,6 +106,26 @@ async def test_never_ready_hits_the_startup_timeout(supervise: MakeSupervisor) -
     assert 1.0 <= time.monotonic() - started < 5
     assert "not ready after 1s (health check answered 503)" in backend.reason
     assert backend.process is not None and backend.process.failed_while_starting
+
+
+async def test_a_backend_never_gets_the_gateways_port_or_another_backends(
+        supervise: MakeSupervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The kernel only knows ports bound now. uvicorn binds the gateway's port after the backends
+    # have started, and a backend binds its port a moment after it was picked. Offer exactly those
+    # ports first, as the kernel once did in CI, and check that they are passed over.
+    gateway_port, shared = free_port(), free_port()
+    offered = [gateway_port, shared, gateway_port, shared]
+
+    class Offering(socket.socket):
+        def getsockname(self) -> Any:
+            return ("127.0.0.1", offered.pop(0)) if offered else super().getsockname()
+
+    monkeypatch.setattr(process_module, "socket", SimpleNamespace(socket=Offering))  # free_port's alone
+    sup = await supervise(fake("one"), fake("two"), server={"port": gateway_port})
+    ports = [backend.process.port for backend in sup.backends.values() if backend.process]
+    assert not offered  # both backends were offered the gateway's port, and `shared`
+    assert all(backend.ready for backend in sup.backends.values())
+    assert shared in ports and gateway_port not in ports and len(set(ports)) == 2
 
 
 async def test_missing_binary_parks_at_once(supervise: MakeSupervisor) -> None:
