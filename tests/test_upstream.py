@@ -1,14 +1,17 @@
-"""The upstream pool against a server that closes a kept-alive connection under a request."""
+"""The upstream pool against a server that closes a kept-alive connection under a request, and
+the stream relay against exact runtime bytes, split across reads."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
 import pytest
 
 from adapters.base import Adapter, UpstreamRequest
 from gateway.errors import BackendUnavailable
-from gateway.upstream import Upstream
+from gateway.upstream import StreamOutcome, Upstream, relay_stream
 
 REPLY = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n"
          b"connection: keep-alive\r\n\r\n{\"ok\":true}")
@@ -74,3 +77,129 @@ async def test_a_server_that_keeps_dropping_requests_is_unavailable() -> None:
     finally:
         await upstream.close()
         server.close()
+
+
+# --- the stream relay --------------------------------------------------------------------------
+
+USAGE = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+
+
+def event(payload: dict[str, Any] | str, compact: bool = True) -> bytes:
+    text = payload if isinstance(payload, str) else json.dumps(
+        payload, separators=(",", ":") if compact else (", ", ": "))
+    return f"data: {text}\n\n".encode()
+
+
+def chunk(content: str | None, *, model: str = "runtime-name", finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    delta = {"content": content} if content is not None else {}
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+
+
+async def _sse_server(pieces: list[bytes]) -> tuple[asyncio.AbstractServer, int]:
+    """Answers one request with `pieces` as HTTP chunks, a moment apart, so each is its own read."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for piece in pieces:
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def relayed(pieces: list[bytes], *, include_usage: bool) -> tuple[list[str], StreamOutcome]:
+    """What the client gets from an OpenAI-speaking runtime that sends `pieces`, asked for as `alias`."""
+    server, port = await _sse_server(pieces)
+    upstream = Upstream(connect_timeout=2, request_timeout=10)
+    await upstream.open()
+    outcome = StreamOutcome()
+    try:
+        resp = await upstream.send(f"http://127.0.0.1:{port}", Adapter(), UpstreamRequest("/v1/chat/completions", {}),
+                                   backend="b", headers={})
+        out = [piece async for piece in relay_stream(resp, Adapter(), "chat", public_model="alias",
+                                                     include_usage=include_usage, backend="b", outcome=outcome)]
+    finally:
+        await upstream.close()
+        server.close()
+    text = b"".join(out).decode()
+    assert text.endswith("\n\n")
+    return [e.removeprefix("data: ") for e in text[:-2].split("\n\n")], outcome
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "spaced"])
+async def test_chunks_keep_all_but_model_and_usage(compact: bool) -> None:
+    # As OpenAI sends them once usage is asked: `usage: null` on each chunk, then a usage chunk.
+    sent = [chunk("Hel", usage=None), chunk("lo", usage=None), chunk(None, finish="stop", usage=None)]
+    tail = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "runtime-name",
+            "choices": [], "usage": USAGE}
+    stream = b"".join(event(c, compact) for c in sent) + event(tail, compact) + event("[DONE]")
+    pieces = [stream[:50], stream[50:51], stream[51:300], stream[300:]]  # split anywhere, mid-event too
+    events, outcome = await relayed(pieces, include_usage=False)
+    assert events[-1] == "[DONE]" and len(events) == 4  # the usage chunk is kept from a client that did not ask
+    for got, want in zip(events[:3], sent):
+        want = {**want, "model": "alias"}
+        del want["usage"]
+        assert json.loads(got) == want
+    assert outcome.usage == USAGE and outcome.chunks == 3 and outcome.finished
+
+
+async def test_the_usage_chunk_is_sent_last_when_asked_for() -> None:
+    stream = [event(chunk("Hi")), event(chunk(None, finish="stop")),
+              event({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "runtime-name",
+                     "choices": [], "usage": USAGE}), event("[DONE]")]
+    events, outcome = await relayed(stream, include_usage=True)
+    *content, final, done = events
+    assert done == "[DONE]" and [json.loads(e)["model"] for e in content] == ["alias", "alias"]
+    assert json.loads(final) == {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7,
+                                 "model": "alias", "choices": [], "usage": USAGE}
+
+
+async def test_usage_on_the_finish_chunk_is_found_without_a_usage_chunk() -> None:
+    # llama.cpp's first way: usage rides on the chunk with finish_reason.
+    stream = [event(chunk("Hi")), event(chunk(None, finish="stop", usage=USAGE)), event("[DONE]")]
+    events, outcome = await relayed(stream, include_usage=False)
+    assert outcome.usage == USAGE
+    finish = json.loads(events[1])
+    assert "usage" not in finish and finish["model"] == "alias" and finish["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_a_model_name_with_escapes_is_replaced() -> None:
+    stream = [event(chunk("a", model='odd"name')), event(chunk("b", model='odd"name')),
+              event(chunk(None, finish="stop", usage=USAGE)), event("[DONE]")]
+    events, _ = await relayed(stream, include_usage=False)
+    assert [json.loads(e)["model"] for e in events[:-1]] == ["alias"] * 3
+
+
+async def test_a_chunk_without_a_model_gets_one() -> None:
+    bare = chunk("a")
+    del bare["model"]
+    events, _ = await relayed([event(bare), event(chunk(None, finish="stop", usage=USAGE)), event("[DONE]")],
+                              include_usage=False)
+    assert json.loads(events[0])["model"] == "alias"
+
+
+async def test_an_error_event_after_chunks_ends_the_stream_with_it() -> None:
+    stream = [event(chunk("a")), event({"error": {"message": "out of memory", "type": "server_error", "code": 500}})]
+    events, outcome = await relayed(stream, include_usage=False)
+    assert json.loads(events[0])["choices"][0]["delta"]["content"] == "a"
+    error = json.loads(events[1])["error"]
+    assert error["message"] == "out of memory" and events[2] == "[DONE]"
+    assert outcome.error is not None and not outcome.finished
+
+
+async def test_a_token_that_spells_usage_or_error_is_forwarded_as_text() -> None:
+    tricky = chunk('{"usage": {"x": 1}, "error": "no"}')
+    events, outcome = await relayed([event(tricky), event(chunk(None, finish="stop", usage=USAGE)), event("[DONE]")],
+                                    include_usage=False)
+    assert json.loads(events[0])["choices"][0]["delta"]["content"] == '{"usage": {"x": 1}, "error": "no"}'
+    assert outcome.usage == USAGE and outcome.error is None
