@@ -296,8 +296,13 @@ def _check_semantics(config: Config) -> list[str]:
     problems: list[str] = []
     seen: dict[str, int] = {}
     served: set[str] = set()
+    ports = {config.server.port: "server.port"}
     for i, backend in enumerate(config.backends):
         at = f"backends[{i}]"
+        if backend.port is not None and backend.url is None:
+            if backend.port in ports:
+                problems.append(f"{at}.port: {backend.port} is already {ports[backend.port]}")
+            ports.setdefault(backend.port, f"{at}.port")
         if backend.name in seen:
             problems.append(f"{at}.name: duplicate backend name {backend.name!r} (also backends[{seen[backend.name]}])")
         seen.setdefault(backend.name, i)

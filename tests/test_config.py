@@ -59,6 +59,10 @@ BROKEN: list[tuple[str, Any, list[str]]] = [
      ["backends[0].port: only for a managed backend, not with `url`",
       "backends[0]: `args` and `env` are only for a managed backend, not with `url`"]),
     ("top level not a mapping", ["backends"], ["(top level): expected a mapping of sections"]),
+    ("one port twice",
+     {"server": {"port": 9000}, "backends": [{**LLAMA, "port": 9000}, {**LLAMA, "name": "b", "port": 9001},
+                                             {**LLAMA, "name": "c", "port": 9001}]},
+     ["backends[0].port: 9000 is already server.port", "backends[2].port: 9001 is already backends[1].port"]),
 ]
 
 
