@@ -34,6 +34,7 @@ from gateway.routing import Cooldowns, ModelTable
 from gateway.store import open_store
 from gateway.supervisor import Supervisor
 from gateway.upstream import Upstream
+from gateway.sendwatch import SendWatch
 from gateway.usage import UsageRecorder
 
 log = logging.getLogger("gateway")
@@ -73,6 +74,7 @@ class Gateway:
             metrics.backend_slots.labels(backend.name).set(backend.slots)
         self.upstream = Upstream(connect_timeout=config.server.connect_timeout,
                                  request_timeout=config.server.request_timeout)
+        self.sends = SendWatch(config.server.send_timeout)
 
     @asynccontextmanager
     async def lifespan(self, app: Litestar) -> AsyncIterator[None]:
@@ -94,6 +96,8 @@ class Gateway:
             stack.push_async_callback(self.supervisor.stop)
             await self.loads.start()
             stack.push_async_callback(self.loads.stop)
+            await self.sends.start()
+            stack.push_async_callback(self.sends.stop)
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
             stack.callback(loop.remove_signal_handler, signal.SIGHUP)

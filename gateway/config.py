@@ -89,6 +89,9 @@ class ServerConfig(_Section):
     request_timeout: Seconds = 600.0
     # Bound on connecting to a backend; a refused or silent backend fails over quickly.
     connect_timeout: Seconds = 5.0
+    # Bound on a client that stops reading a stream: a write waiting this long ends the request
+    # and frees its slot (nginx's send_timeout). Checked once a second.
+    send_timeout: Seconds = Field(default=60.0, ge=1.0)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

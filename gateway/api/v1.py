@@ -39,6 +39,7 @@ from gateway.errors import (
 )
 from gateway.openai import PATHS, Endpoint, decode_request, encode, wants_usage
 from gateway.routing import Route, choose
+from gateway.sendwatch import Writer
 from gateway.upstream import StreamOutcome, relay_stream
 
 if TYPE_CHECKING:
@@ -201,19 +202,27 @@ async def _forward(gateway: Gateway, exchange: Exchange, call: Call, lease: Leas
     headers = [(b"x-request-id", call.request_id.encode()),
                *((name.encode(), value.encode()) for name, value in lease.usage.headers().items())]
     if streaming:
-        await _relay(exchange, call, headers, first, chunks, outcome)
+        writer = gateway.sends.watch(exchange.send, call.request_id)
+        try:
+            await _relay(exchange, writer, call, headers, first, chunks, outcome)
+        finally:
+            gateway.sends.forget(writer)
         return
     data["model"] = route.public
     # The answer goes out first: the bookkeeping (and a Redis release) is not the client's wait.
+    # (Not watched: uvicorn waits for a full socket before a write, never after the last one.)
     await exchange.reply(encode(data), headers)
     await call.finish(200, data.get("usage"))
 
 
-async def _relay(exchange: Exchange, call: Call, headers: list[tuple[bytes, bytes]], first: bytes,
+STALLED = "The client took none of the stream for server.send_timeout."
+
+
+async def _relay(exchange: Exchange, writer: Writer, call: Call, headers: list[tuple[bytes, bytes]], first: bytes,
                  chunks: AsyncIterator[bytes], outcome: StreamOutcome) -> None:
     """Write the stream. A client that leaves cancels the writing (uvicorn drops writes to a
     closed connection silently, so nothing else would tell), which closes the upstream response,
-    which stops the generation."""
+    which stops the generation. So does a client that stops reading (see gateway/sendwatch.py)."""
     task = asyncio.current_task()
     assert task is not None
     writing = True
@@ -226,7 +235,7 @@ async def _relay(exchange: Exchange, call: Call, headers: list[tuple[bytes, byte
             task.cancel()
 
     watcher: asyncio.Future[None] | None = None
-    send = exchange.send
+    send = writer.send
     try:
         await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]})
         if outcome.finished or outcome.error:
@@ -243,8 +252,9 @@ async def _relay(exchange: Exchange, call: Call, headers: list[tuple[bytes, byte
         writing = False
         await send({"type": "http.response.body", "body": b""})
     except asyncio.CancelledError:
-        if not left:
+        if not (left or writer.stalled):
             raise
+        left = True
         task.uncancel()
     finally:
         writing = False
@@ -259,7 +269,8 @@ async def _relay(exchange: Exchange, call: Call, headers: list[tuple[bytes, byte
             if outcome.chunks > 1:
                 gap = (time.perf_counter() - outcome.first_chunk_at) / (outcome.chunks - 1)
                 metrics.child(metrics.inter_token_latency, model).observe(gap)
-        await call.finish(status, outcome.usage, error=outcome.error.message if outcome.error else None)
+        error = STALLED if writer.stalled else (outcome.error.message if outcome.error else None)
+        await call.finish(status, outcome.usage, error=error)
 
 
 def _retryable(exc: GatewayError) -> bool:

@@ -86,13 +86,14 @@ def limit(pieces: list[str], max_tokens: int | None, stops: list[str]) -> Genera
     for n, piece in enumerate(pieces):
         if max_tokens is not None and n >= max_tokens:
             return Generation(out, n, "length", None)
-        candidate = text + piece
-        hits = [(candidate.find(s), s) for s in stops if s and s in candidate]
-        if hits:
-            cut, stop = min(hits)
-            return Generation(_cut_pieces(out + [piece], cut), n + 1, "stop", stop)
+        if stops:  # (the text so far is kept only for them: building it is quadratic in long answers)
+            candidate = text + piece
+            hits = [(candidate.find(s), s) for s in stops if s and s in candidate]
+            if hits:
+                cut, stop = min(hits)
+                return Generation(_cut_pieces(out + [piece], cut), n + 1, "stop", stop)
+            text = candidate
         out.append(piece)
-        text = candidate
     return Generation(out, len(pieces), "stop", None)
 
 
