@@ -33,6 +33,11 @@ def serve(args: argparse.Namespace) -> None:
         k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None
     })
     config = config.model_copy(update={"server": server})
+    # The file's ports were checked against its own server.port; --port is checked here.
+    clash = [b.name for b in config.backends if b.url is None and b.port == server.port]
+    if clash:
+        print(f"error: port {server.port} is also backend {clash[0]}'s fixed port.", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
     if not config.auth.required and not config.auth.allow_public_without_keys and not _loopback(server.host):
         print(f"error: auth.required is false, so the gateway only binds a loopback address, not {server.host}.\n"
               "  Set auth.allow_public_without_keys: true to serve every client on the network without keys.",

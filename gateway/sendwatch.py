@@ -4,14 +4,20 @@ uvicorn makes an ASGI `send` wait while the client's socket is full, and has no 
 own. A client that stops reading a stream without closing (a stuck script, a suspended machine
 whose connection is still up) would hold its backend slot, its admission lease and the runtime's
 generation for as long as the connection lives: for a live client that never reads, forever.
-(A JSON answer cannot get stuck so: uvicorn waits for room before a write, never after one, so
-its last write is buffered and returns; only streams are watched.)
+uvicorn waits for room before a write, never after one, so a JSON answer's last write returns;
+its first waits only behind an earlier answer on the same connection that is still unread.
 
-One task checks every answer being written once a second; a send that has been waiting for
-`timeout` seconds gets its handler task cancelled. The cancellation lands inside that send
-(the handler is suspended nowhere else while `begun != done`), so the handler catches it
-there and ends the request as a client that went away. Sends that do not wait, which is
-nearly all of them, cost two counter increments and no timer.
+One task looks at every answer being written once a second; a send seen waiting at one look
+and still waiting `timeout` seconds later (so between `timeout` and `timeout` + 2 s in all)
+gets its handler task cancelled. The cancellation lands inside that send (the handler is
+suspended nowhere else while `begun != done`), so the handler catches it there and ends the
+request as a client that went away. Sends that do not wait, which is nearly all of them, cost
+two counter increments and no timer.
+
+What a cut cannot do is close the connection: ASGI gives no handle on it. uvicorn logs
+"ASGI callable returned without completing response" and closes the transport, which keeps
+the socket until its buffer drains or the client goes; the slot, the lease and the runtime's
+generation are free at once.
 """
 
 from __future__ import annotations
@@ -42,8 +48,10 @@ class Writer:
 
     async def send(self, message: Any) -> None:
         self.begun += 1
-        await self._send(message)
-        self.done += 1
+        try:
+            await self._send(message)
+        finally:  # a send that raised is not waiting either
+            self.done += 1
 
 
 class SendWatch:
@@ -78,12 +86,12 @@ class SendWatch:
 
     def check(self, now: float) -> None:
         for writer in self._writers:
-            if writer.begun == writer.done or writer.stalled:
-                continue  # not waiting in a send (or already cut)
+            if writer.begun == writer.done or writer.stalled or writer.task.cancelling():
+                continue  # not waiting in a send (or already cut, or being cancelled for another reason)
             if writer.begun != writer.seen:  # a send that began waiting since the last look
                 writer.seen, writer.since = writer.begun, now
             elif now - writer.since >= self.timeout:
                 writer.stalled = True
-                log.warning("client took no bytes for %.0fs (server.send_timeout): answer cut, slot freed",
+                log.warning("client took no bytes for over %.0fs (server.send_timeout): answer cut, slot freed",
                             now - writer.since, extra={"request_id": writer.request_id})
                 writer.task.cancel()

@@ -135,3 +135,12 @@ def test_cli_needs_a_config() -> None:
     result = subprocess.run([sys.executable, "-m", "gateway", "check"], capture_output=True, text=True, timeout=60,
                             cwd=ROOT, env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 2 and "GATEWAY_CONFIG" in result.stderr
+
+
+def test_serve_refuses_a_port_override_that_a_backend_has(tmp_path: Path) -> None:
+    # The file is fine (8080 is free of backends); `--port` makes the clash, so serve checks again.
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "backends": [{**LLAMA, "port": 9123}]}))
+    refused = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", "9123"],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert refused.returncode == 2 and "port 9123 is also backend a's fixed port" in refused.stderr

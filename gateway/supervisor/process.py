@@ -413,12 +413,12 @@ class RuntimeProcess:
         self._inbox.put_nowait(_StepDone(gen, step, ok))
 
     async def _spawn(self) -> None:
+        self.port = self.config.port or free_port(self._taken_ports())
         try:
-            self.port = self.config.port or free_port(self._taken_ports())
             launch = self.adapter.launch(self.config, self.port)
             if shutil.which(launch.argv[0]) is None:
                 raise FileNotFoundError(f"cannot execute {launch.argv[0]}: not found or not executable")
-        except (OSError, NotImplementedError, ValueError) as exc:
+        except (FileNotFoundError, NotImplementedError, PermissionError, ValueError) as exc:
             self._park(str(exc))  # a retry cannot fix a missing binary or an unusable config
             return
         self._mark = self.log.written
