@@ -31,10 +31,10 @@ from gateway.errors import (
 )
 from gateway.loadwatch import LoadWatch
 from gateway.routing import Cooldowns, ModelTable
+from gateway.sendwatch import SendWatch
 from gateway.store import open_store
 from gateway.supervisor import Supervisor
 from gateway.upstream import Upstream
-from gateway.sendwatch import SendWatch
 from gateway.usage import UsageRecorder
 
 log = logging.getLogger("gateway")
