@@ -89,7 +89,7 @@ class ServerConfig(_Section):
     request_timeout: Seconds = 600.0
     # Bound on connecting to a backend; a refused or silent backend fails over quickly.
     connect_timeout: Seconds = 5.0
-    # Bound on a client that stops reading its answer: a write waiting this long (up to 2 s more:
+    # Bound on a client that stops reading a stream: a write waiting this long (up to 2 s more:
     # it is looked at once a second) ends the request and frees its slot (nginx's send_timeout).
     send_timeout: Seconds = Field(default=60.0, ge=1.0)
     log_format: Literal["text", "json"] = "text"

@@ -4,15 +4,16 @@ uvicorn makes an ASGI `send` wait while the client's socket is full, and has no 
 own. A client that stops reading a stream without closing (a stuck script, a suspended machine
 whose connection is still up) would hold its backend slot, its admission lease and the runtime's
 generation for as long as the connection lives: for a live client that never reads, forever.
-uvicorn waits for room before a write, never after one, so a JSON answer's last write returns;
-its first waits only behind an earlier answer on the same connection that is still unread.
+Streams only: uvicorn waits for room before a write, never after one, so a JSON answer's last
+write returns, and its first could wait only behind an earlier answer on the same connection
+still unread, which takes a client that pipelines (no OpenAI client does).
 
 One task looks at every answer being written once a second; a send seen waiting at one look
 and still waiting `timeout` seconds later (so between `timeout` and `timeout` + 2 s in all)
 gets its handler task cancelled. The cancellation lands inside that send (the handler is
 suspended nowhere else while `begun != done`), so the handler catches it there and ends the
-request as a client that went away. Sends that do not wait, which is nearly all of them, cost
-two counter increments and no timer.
+request as a client that went away. Sends that do not wait, which is nearly all of them, cost a
+wrapper call and two counter increments, and no timer.
 
 What a cut cannot do is close the connection: ASGI gives no handle on it. uvicorn logs
 "ASGI callable returned without completing response" and closes the transport, which keeps
