@@ -21,7 +21,7 @@ from tests.helpers import FAKES, GatewayProcess, wait_until
 
 
 class Socket:
-    """An ASGI send that waits while `full` is set, as uvicorn's does while the client's socket is."""
+    """An ASGI send that waits while `room` is clear, as uvicorn's does while the client's socket is full."""
 
     def __init__(self) -> None:
         self.room = asyncio.Event()
