@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import os
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -135,31 +133,16 @@ def redis_url(redis_server: RedisServer) -> str:
 def fake_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The fake vLLM server run by hand (not by the gateway): an OpenAI-compatible upstream to
     attach with `runtime: openai`, fast enough for tests that need many requests."""
-    import subprocess
     import sys
 
-    import httpx
-
-    from tests.helpers import FAKES, free_port, wait_until
+    from tests.helpers import FAKES, free_port, server_by_hand
 
     port = free_port()
-    log = (tmp_path_factory.mktemp("fake_upstream") / "upstream.log").open("wb")
-    proc = subprocess.Popen(
+    with server_by_hand(
         [sys.executable, str(FAKES / "fake_vllm.py"), "serve", "fake", "--host", "127.0.0.1", "--port", str(port),
          "--served-model-name", "fake", "--max-num-seqs", "256"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "FAKE_LOAD_SECONDS": "0", "FAKE_TOKEN_DELAY": "0.001"},
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(url + "/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    assert wait_until(up, timeout=20), "fake upstream did not start"
-    yield url
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    log.close()
+        f"http://127.0.0.1:{port}", ready_path="/health", what="fake upstream",
+        env={"FAKE_LOAD_SECONDS": "0", "FAKE_TOKEN_DELAY": "0.001"},
+        log_path=tmp_path_factory.mktemp("fake_upstream") / "upstream.log",
+    ) as url:
+        yield url

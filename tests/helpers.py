@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -53,6 +55,31 @@ def descendants(pid: int) -> list[int]:
                 out.append(child)
                 todo.append(child)
     return out
+
+
+@contextlib.contextmanager
+def server_by_hand(argv: list[str], url: str, *, ready_path: str, env: dict[str, str] | None = None,
+                   log_path: Path | None = None, what: str = "server", timeout: float = 20) -> Iterator[str]:
+    """A server the test runs itself (not the gateway's supervisor), in its own session: yields
+    `url` once `url + ready_path` answers 200, and kills the whole group after."""
+    log = log_path.open("wb") if log_path else None
+    proc = subprocess.Popen(argv, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+
+    def up() -> bool:
+        try:
+            return httpx.get(url + ready_path, timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        assert wait_until(up, timeout), f"{what} did not start"
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if log is not None:
+            log.close()
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:  # type: ignore[no-untyped-def]

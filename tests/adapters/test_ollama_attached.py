@@ -3,9 +3,6 @@ named (in /admin/backends and the log) and requests for them get a clear 503."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,30 +11,19 @@ import httpx
 import pytest
 
 from tests.conftest import StartGateway
-from tests.helpers import FAKES, free_port, wait_until
+from tests.helpers import FAKES, free_port, server_by_hand
 
 
 @pytest.fixture
 def ollama_url(tmp_path: Path) -> Iterator[str]:
     port = free_port()
-    env = {**os.environ, "OLLAMA_HOST": f"127.0.0.1:{port}", "OLLAMA_MODELS": str(tmp_path / "models"),
-           "FAKE_OLLAMA_INSTALLED": "llama3.2:1b", "FAKE_LOAD_SECONDS": "0"}
-    server = subprocess.Popen([sys.executable, str(FAKES / "fake_ollama.py"), "serve"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        try:
-            return httpx.get(url + "/", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        assert wait_until(answers, 15), "fake Ollama did not start"
+    with server_by_hand(
+        [sys.executable, str(FAKES / "fake_ollama.py"), "serve"], f"http://127.0.0.1:{port}", ready_path="/",
+        what="fake Ollama", timeout=15,
+        env={"OLLAMA_HOST": f"127.0.0.1:{port}", "OLLAMA_MODELS": str(tmp_path / "models"),
+             "FAKE_OLLAMA_INSTALLED": "llama3.2:1b", "FAKE_LOAD_SECONDS": "0"},
+    ) as url:
         yield url
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
 
 
 def test_missing_models_are_named(start_gateway: StartGateway, ollama_url: str) -> None:

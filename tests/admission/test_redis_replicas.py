@@ -5,9 +5,7 @@ killed under load gives the configured failure mode, then service resumes by its
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
@@ -21,7 +19,7 @@ import redis
 
 from gateway.admission import keys
 from tests.conftest import RedisServer, StartGateway
-from tests.helpers import FAKES, GatewayProcess, free_port, wait_until
+from tests.helpers import FAKES, GatewayProcess, free_port, server_by_hand, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -72,28 +70,13 @@ def slow_upstream(tmp_path: Path) -> Iterator[str]:
     """A fake vLLM of this test's own, 10 ms a token and 2,000 words unless max_tokens says less:
     streams that outlast a lease TTL."""
     port = free_port()
-    log = (tmp_path / "slow_upstream.log").open("wb")
-    proc = subprocess.Popen(
+    with server_by_hand(
         [sys.executable, str(FAKES / "fake_vllm.py"), "serve", "fake", "--host", "127.0.0.1", "--port", str(port),
          "--served-model-name", "fake", "--max-num-seqs", "64"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "FAKE_LOAD_SECONDS": "0", "FAKE_TOKEN_DELAY": "0.01", "FAKE_OUTPUT_WORDS": "2000"},
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(url + "/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        assert wait_until(up, timeout=20), "slow upstream did not start"
+        f"http://127.0.0.1:{port}", ready_path="/health", what="slow upstream", log_path=tmp_path / "slow_upstream.log",
+        env={"FAKE_LOAD_SECONDS": "0", "FAKE_TOKEN_DELAY": "0.01", "FAKE_OUTPUT_WORDS": "2000"},
+    ) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
 
 
 def visible_everywhere(gateways: list[GatewayProcess], secret: str) -> bool:
