@@ -152,11 +152,9 @@ class RedisAdmission(Admission):
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._release_timer is not None:
-            self._release_timer.cancel()
-            self._release_timer = None
-        if self._releasing and self._up:
-            await self._send_releases(self._take_releases())
+        releases = self._take_releases()  # (which also stops the flush timer)
+        if releases[0] and self._up:
+            await self._send_releases(releases)
         listener, renew = self._loops or (None, None)
         if renew is not None:
             renew.cancel()

@@ -264,8 +264,9 @@ class Supervisor:
         """The gateway's own port and every port another backend has or was given."""
         taken = {self._gateway_port}
         for other in self.backends.values():
-            if other is not backend:
-                taken.add(other.config.port or (other.process.port if other.process else None) or 0)
+            port = other.config.port or (other.process.port if other.process else None)
+            if other is not backend and port:
+                taken.add(port)
         return taken
 
     async def _first_start(self, backend: Backend) -> None:
