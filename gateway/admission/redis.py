@@ -8,6 +8,10 @@ says them), every decision one atomic Lua script (lua/*.lua) on the Redis server
                                its own waiters there), or
                              - from the listener: BLMPOP on this replica's notify list
                              plus a local timer at the next moment a window or a lease frees
+                   One acquire.lua call is on its way at a time; the acquires that come meanwhile
+                   go together in the next (`_send_admissions`): a redis-py call costs the
+                   gateway more CPU than the rest of an admission, so under load one call
+                   admits many requests, and when quiet each goes at once.
     Lease.settle ──settle.lua──> dispatches the queue
     Lease.release: gathered for up to RELEASE_GATHER, then sent inside the next acquire.lua call,
                    or alone (release.lua, a batch) if none comes; both dispatch the queue
@@ -35,7 +39,7 @@ import uuid
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -49,6 +53,7 @@ from gateway.admission.memory import MemoryAdmission, refusal, show_mode, too_la
 from gateway.errors import BackendUnavailable, ClientClosedRequest
 
 log = logging.getLogger("gateway.admission")
+T = TypeVar("T")
 
 # What an unreachable Redis looks like (a script error is a bug, and is not one of these).
 OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
@@ -57,6 +62,7 @@ TIMER_SLACK = 0.01  # wake a little after a window frees, so grants close togeth
 # How long a finished request's release may wait to ride along with this replica's next acquire
 # (one round trip instead of two per request while busy); when quiet it goes on its own.
 RELEASE_GATHER = 0.002
+ADMIT_BATCH = 64  # requests in one acquire.lua call at most
 SCRIPTS = ("acquire", "release", "settle", "move", "leave", "dispatch", "renew")
 
 
@@ -69,6 +75,16 @@ class _Grant:
     requests: int  # in the key's window, this one included
     tokens: int
     reset_ms: int
+
+
+@dataclass(eq=False)
+class _Admission:
+    """An acquire waiting for its acquire.lua answer: [status, grant | refusal | []]."""
+
+    entry: str
+    ticket: Ticket
+    request: str  # acquire.lua's argument for it
+    answer: asyncio.Future[list[Any]]
 
 
 @dataclass(eq=False)
@@ -115,7 +131,9 @@ class RedisAdmission(Admission):
         self._leases: dict[str, RedisLease] = {}  # renewed while they live
         self._waiters: dict[str, _Waiter] = {}  # queue entry -> its waiter, renewed too
         self._movers: dict[str, asyncio.Future[str | None]] = {}  # lease -> its failover's wait
-        self._releasing: list[Any] = []  # gathered releases: lease, key, backend, tokens ('' unknown)
+        self._releasing: list[str] = []  # gathered releases: lease, key, backend, tokens ('' unknown)
+        self._admitting: list[_Admission] = []  # acquires for the next acquire.lua call
+        self._sender: asyncio.Task[None] | None = None  # the one sending them
         self._release_timer: asyncio.TimerHandle | None = None
         # `local` mode: this replica's share of every limit while Redis is away.
         self._fallback = (MemoryAdmission(max_depth=max_depth, share=1.0 / replicas, window=window)
@@ -195,44 +213,98 @@ class RedisAdmission(Admission):
         if not self._up:
             return await self._degraded(ticket, disconnected, time.monotonic())
         entry = f"{self.replica}:{next(self._ids):x}"
-        waiter = _Waiter(ticket, asyncio.get_running_loop().create_future(), time.monotonic())
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(ticket, loop.create_future(), time.monotonic())
         # Registered before the call: a grant may reach the listener before this reply does.
         self._waiters[entry] = waiter
-        priority = max(-100, min(100, limits.priority))
-        releases = self._take_releases()
+        request = "\t".join((entry, ticket.key_id, str(max(-100, min(100, limits.priority))),
+                             "1" if ticket.max_wait > 0 else "0", *map(str, _ticket_args(ticket))))
+        admission = _Admission(entry, ticket, request, loop.create_future())
+        self._admitting.append(admission)
+        if self._sender is None:
+            self._sender = self._spawn(self._send_admissions())
         try:
-            reply = await self._run("acquire", entry, ticket.key_id, priority, 1 if ticket.max_wait > 0 else 0,
-                                    self._max_depth, *releases, *_ticket_args(ticket))
-        except OUTAGE as exc:
+            status, answer = await admission.answer
+        except OUTAGE:  # the call found Redis away (and opened the circuit)
             self._waiters.pop(entry, None)
-            self._trip(exc)  # the releases are lost with it: those leases expire, unrenewed
             return await self._degraded(ticket, disconnected, waiter.since)
+        except asyncio.CancelledError:
+            if admission.answer.cancelled():
+                self._waiters.pop(entry, None)  # what the call gets for it is given back (_orphan)
+            else:
+                self._abandon(entry, ticket)  # answered in the same instant
+            raise
         except BaseException:
-            self._give_back(releases)  # sent or not: releasing twice is harmless
             self._abandon(entry, ticket)
             raise
-        status = _text(reply[0])
         if status == "granted":
-            self._waiters.pop(entry, None)
-            lease = self._lease(ticket, _grant(reply[2]), 0.0)
-            if releases[0]:
-                self._absorb(reply)  # what the releases freed may have gone to waiters here
-            return lease
+            return self._lease(ticket, _grant(answer), 0.0)
         if status == "refused":
-            self._waiters.pop(entry, None)
-            if releases[0]:
-                self._absorb(reply)
-            raise self._refusal(ticket, reply[2])
+            raise self._refusal(ticket, answer)
         metrics.queue_depth.labels(ticket.model).inc()
         try:
-            return await self._queued(entry, waiter, reply, disconnected)
+            return await self._queued(entry, waiter, disconnected)
         finally:
             metrics.queue_depth.labels(ticket.model).dec()
 
-    async def _queued(self, entry: str, waiter: _Waiter, reply: list[Any], disconnected: Disconnected | None) -> Lease:
+    async def _send_admissions(self) -> None:
+        """acquire.lua with every acquire that is waiting for it, until none is left."""
+        try:
+            while self._admitting:
+                if not self._up:  # an earlier call found Redis away: the rest take the failure mode
+                    for left in self._admitting:
+                        _fail(left.answer, RedisConnectionError("Redis is unreachable"))
+                    break
+                batch = [a for a in self._admitting[:ADMIT_BATCH] if not a.answer.cancelled()]
+                del self._admitting[:ADMIT_BATCH]
+                if batch:
+                    await self._admit(batch)
+        finally:
+            self._sender = None
+            for left in self._admitting:  # only when stopped (cancelled) in the middle
+                _fail(left.answer, BackendUnavailable("The gateway is shutting down."))
+            self._admitting = []
+
+    async def _admit(self, batch: list[_Admission]) -> None:
+        releases = self._take_releases()
+        try:
+            reply = await self._run("acquire", self._max_depth, *releases, len(batch), *[a.request for a in batch])
+        except OUTAGE as exc:
+            self._trip(exc)  # the releases are lost with it: those leases expire, unrenewed
+            for admission in batch:
+                _fail(admission.answer, exc)
+            return
+        except BaseException as exc:
+            self._give_back(releases)  # sent or not: releasing twice is harmless
+            for admission in batch:
+                if admission.answer.cancelled():
+                    self._abandon(admission.entry, admission.ticket)
+                _fail(admission.answer, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        answers = [[_text(status), answer] for status, answer in reply[2]]
+        for admission, (status, _) in zip(batch, answers):
+            if status != "queued":
+                self._waiters.pop(admission.entry, None)
+        self._absorb(reply)
+        for admission, answer in zip(batch, answers):
+            if admission.answer.cancelled():
+                self._orphan(admission, *answer)
+            else:
+                admission.answer.set_result(answer)
+
+    def _orphan(self, admission: _Admission, status: str, answer: Any) -> None:
+        """The request left while its acquire was on the way: what it got goes back."""
+        if status == "granted":
+            grant = _grant(answer)
+            self._spawn(self._release_quietly(grant.lease, grant.key, grant.backend))
+        elif status == "queued":
+            self._abandon(admission.entry, admission.ticket)
+
+    async def _queued(self, entry: str, waiter: _Waiter, disconnected: Disconnected | None) -> Lease:
         ticket = waiter.ticket
         try:
-            self._absorb(reply)
             outcome = await self._wait(waiter, disconnected)
         except BaseException:  # cancelled: the entry leaves, or its grant goes back, in the background
             self._abandon(entry, ticket)
@@ -318,16 +390,17 @@ class RedisAdmission(Admission):
         self._leases.pop(lease.id, None)  # no longer renewed: if the release is lost, it expires
         if not self._up:
             return  # it expires in Redis within the lease TTL, unrenewed
-        self._gather([lease.id, lease.ticket.key_id, lease.backend, "" if tokens is None else int(tokens)])
+        self._gather(f"{lease.id}\t{lease.ticket.key_id}\t{lease.backend}\t{'' if tokens is None else int(tokens)}")
 
-    def _gather(self, fields: list[Any]) -> None:
-        """Releases (four fields each) to send with the next acquire, or alone after RELEASE_GATHER."""
-        self._releasing += fields
+    def _gather(self, *releases: str) -> None:
+        """Releases (lease, key, backend, tokens; tab-separated) to send with the next acquire, or
+        alone after RELEASE_GATHER."""
+        self._releasing += releases
         if self._release_timer is None:
             self._release_timer = asyncio.get_running_loop().call_later(RELEASE_GATHER, self._flush_releases)
 
     def _take_releases(self) -> list[Any]:
-        """The gathered releases as script arguments: how many, then four fields each."""
+        """The gathered releases as script arguments: how many, then one each."""
         batch = self._releasing
         if not batch:
             return [0]
@@ -335,11 +408,11 @@ class RedisAdmission(Admission):
         if self._release_timer is not None:
             self._release_timer.cancel()
             self._release_timer = None
-        return [len(batch) // 4, *batch]
+        return [len(batch), *batch]
 
     def _give_back(self, releases: list[Any]) -> None:
         if releases[0]:
-            self._gather(releases[1:])
+            self._gather(*releases[1:])
 
     def _flush_releases(self) -> None:
         """No acquire took the releases along in time: they go on their own."""
@@ -466,7 +539,7 @@ class RedisAdmission(Admission):
 
     async def _release_quietly(self, lease_id: str, key: str, backend: str) -> None:
         try:
-            self._absorb(await self._run("release", 1, lease_id, key, backend, ""))
+            self._absorb(await self._run("release", 1, f"{lease_id}\t{key}\t{backend}\t"))
         except OUTAGE as exc:
             self._trip(exc)
 
@@ -476,10 +549,11 @@ class RedisAdmission(Admission):
         except OUTAGE as exc:
             self._trip(exc)
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._reap)
+        return task
 
     def _reap(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -588,6 +662,11 @@ class RedisAdmission(Admission):
         reason, requests, tokens, reset_ms, retry_ms = _text(answer[0]), *(int(x) for x in answer[1:5])
         usage = _usage(ticket, _Grant("g", "", "", "", requests, tokens, reset_ms))
         return refusal(ticket, reason, usage, retry_ms / 1000, timed_out=timed_out)
+
+
+def _fail(answer: asyncio.Future[Any], exc: BaseException) -> None:
+    if not answer.done():
+        answer.set_exception(exc)
 
 
 def _blocking_client(client: aioredis.Redis, socket_timeout: float) -> aioredis.Redis:

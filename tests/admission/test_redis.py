@@ -61,6 +61,53 @@ async def test_uncontended_admission_is_one_round_trip(make: Make) -> None:
     await lease.release()
 
 
+async def test_acquires_that_arrive_together_share_one_round_trip(make: Make, redis_url: str) -> None:
+    admission = await make(lease_ttl=30, max_depth=50)
+    sent = count_commands(admission)
+    tasks = [asyncio.create_task(admission.acquire(ticket(backends=(("b1", 8),)))) for _ in range(20)]
+    done, waiting = await asyncio.wait(tasks, timeout=2)
+    # The first acquire's call takes all twenty (they came in the same instant): eight are
+    # granted, the rest queued, each as if it had asked alone.
+    assert sent == ["EVALSHA"] and len(done) == 8 and len(waiting) == 12
+    for task in done:
+        await task.result().release()
+    done, waiting = await asyncio.wait(waiting, timeout=2)
+    assert len(done) == 8 and len(waiting) == 4
+    leases = [task.result() for task in done]
+    for lease in leases:
+        await lease.release()
+    for lease in await asyncio.gather(*waiting):
+        await lease.release()
+    assert len(sent) < 20, sent
+
+
+async def test_a_request_that_leaves_while_its_acquire_is_on_the_way_gives_back_what_it_got(
+        make: Make, redis_url: str) -> None:
+    admission = await make(lease_ttl=30)
+    other = aioredis.Redis.from_url(redis_url)
+    sent = count_commands(admission)
+    try:
+        await other.client_pause(400)  # Redis holds every call for 0.4 s
+        on_the_way = asyncio.create_task(admission.acquire(ticket(backends=(("b1", 1),))))
+        await asyncio.sleep(0.1)
+        not_sent_yet = asyncio.create_task(admission.acquire(ticket(backends=(("b1", 1),))))
+        await asyncio.sleep(0.1)
+        for task in (on_the_way, not_sent_yet):
+            task.cancel()
+        await asyncio.gather(on_the_way, not_sent_yet, return_exceptions=True)
+        # The slot the first call won goes back as soon as its answer comes, not when the lease
+        # would expire (30 s); the second acquire was never sent.
+        lease = await admission.acquire(ticket(backends=(("b1", 1),), max_wait=2))
+        await lease.release()
+        assert sent.count("EVALSHA") <= 3, sent  # the first acquire, its release, the last acquire
+    finally:
+        await other.aclose()
+    deadline = time.monotonic() + RELEASE_GATHER + 0.5
+    while any(k.split(":")[2] not in ("log", "cost", "vt", "vnow") for k in await adm_keys(redis_url)):
+        assert time.monotonic() < deadline, await adm_keys(redis_url)
+        await asyncio.sleep(0.02)
+
+
 async def test_replicas_share_limits_and_grants_reach_the_other_replica(make: Make) -> None:
     one, two = await make(), await make()
     assert one.replica != two.replica

@@ -3,7 +3,7 @@
 -- the key now, for the refusal.
 -- ARGV[4..]: entry, key, then the ticket (see read_ticket)
 local entry, key = ARGV[4], ARGV[5]
-local t = read_ticket(key, 6)
+local t = read_ticket(key, ARGV, 6)
 local status = 'gone'
 if redis.call('ZSCORE', K.queue, entry) then
   unqueue(entry, key)
