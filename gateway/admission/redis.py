@@ -133,7 +133,7 @@ class RedisAdmission(Admission):
         self._movers: dict[str, asyncio.Future[str | None]] = {}  # lease -> its failover's wait
         self._releasing: list[str] = []  # gathered releases: lease, key, backend, tokens ('' unknown)
         self._admitting: list[_Admission] = []  # acquires for the next acquire.lua call
-        self._sender: asyncio.Task[None] | None = None  # the one sending them
+        self._sending = False  # an acquire.lua call is on its way
         self._release_timer: asyncio.TimerHandle | None = None
         # `local` mode: this replica's share of every limit while Redis is away.
         self._fallback = (MemoryAdmission(max_depth=max_depth, share=1.0 / replicas, window=window)
@@ -220,11 +220,12 @@ class RedisAdmission(Admission):
         request = "\t".join((entry, ticket.key_id, str(max(-100, min(100, limits.priority))),
                              "1" if ticket.max_wait > 0 else "0", *map(str, _ticket_args(ticket))))
         admission = _Admission(entry, ticket, request, loop.create_future())
-        self._admitting.append(admission)
-        if self._sender is None:
-            self._sender = self._spawn(self._send_admissions())
         try:
-            status, answer = await admission.answer
+            if self._sending:  # it goes with the next call, once the one on its way is answered
+                self._admitting.append(admission)
+                status, answer = await admission.answer
+            else:  # nothing is on its way: it goes at once, from this task (no hop to another)
+                status, answer = await self._admit_now(admission)
         except OUTAGE:  # the call found Redis away (and opened the circuit)
             self._waiters.pop(entry, None)
             return await self._degraded(ticket, disconnected, waiter.since)
@@ -247,6 +248,17 @@ class RedisAdmission(Admission):
         finally:
             metrics.queue_depth.labels(ticket.model).dec()
 
+    async def _admit_now(self, admission: _Admission) -> list[Any]:
+        self._sending = True
+        try:
+            await self._admit([admission])
+        finally:
+            self._sending = False
+            if self._admitting:  # those that came meanwhile
+                self._sending = True
+                self._spawn(self._send_admissions())
+        return await admission.answer  # answered (or failed) by _admit
+
     async def _send_admissions(self) -> None:
         """acquire.lua with every acquire that is waiting for it, until none is left."""
         try:
@@ -260,7 +272,7 @@ class RedisAdmission(Admission):
                 if batch:
                     await self._admit(batch)
         finally:
-            self._sender = None
+            self._sending = False
             for left in self._admitting:  # only when stopped (cancelled) in the middle
                 _fail(left.answer, BackendUnavailable("The gateway is shutting down."))
             self._admitting = []

@@ -66,9 +66,9 @@ async def test_acquires_that_arrive_together_share_one_round_trip(make: Make, re
     sent = count_commands(admission)
     tasks = [asyncio.create_task(admission.acquire(ticket(backends=(("b1", 8),)))) for _ in range(20)]
     done, waiting = await asyncio.wait(tasks, timeout=2)
-    # The first acquire's call takes all twenty (they came in the same instant): eight are
-    # granted, the rest queued, each as if it had asked alone.
-    assert sent == ["EVALSHA"] and len(done) == 8 and len(waiting) == 12
+    # The first goes at once, alone; the nineteen that came while it was on its way go together
+    # in one more call: eight granted in all, the rest queued, each as if it had asked alone.
+    assert sent == ["EVALSHA", "EVALSHA"] and len(done) == 8 and len(waiting) == 12
     for task in done:
         await task.result().release()
     done, waiting = await asyncio.wait(waiting, timeout=2)
@@ -106,6 +106,45 @@ async def test_a_request_that_leaves_while_its_acquire_is_on_the_way_gives_back_
     while any(k.split(":")[2] not in ("log", "cost", "vt", "vnow") for k in await adm_keys(redis_url)):
         assert time.monotonic() < deadline, await adm_keys(redis_url)
         await asyncio.sleep(0.02)
+
+
+async def test_a_request_that_leaves_while_its_batch_is_on_the_way_gets_its_grant_given_back(
+        make: Make, redis_url: str) -> None:
+    admission = await make(lease_ttl=30)
+    held = [asyncio.Event(), asyncio.Event()]  # set when acquire call 1 / 2 reaches the client
+    go = [asyncio.Event(), asyncio.Event()]  # when it may go on to Redis
+    sent: list[str] = []
+    original = admission._redis.execute_command
+
+    async def gated(*args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]))
+        if args[0] == "EVALSHA" and sent.count("EVALSHA") <= 2:
+            call = sent.count("EVALSHA") - 1
+            held[call].set()
+            await go[call].wait()
+        return await original(*args, **options)
+
+    admission._redis.execute_command = gated  # type: ignore[method-assign]
+    two_slots = ticket(backends=(("b1", 2),), max_wait=2)
+    first = asyncio.create_task(admission.acquire(two_slots))  # goes at once: call 1
+    await held[0].wait()
+    batched = asyncio.create_task(admission.acquire(two_slots))  # waits for call 2
+    await asyncio.sleep(0)
+    go[0].set()
+    await held[1].wait()  # call 2, with `batched`, is on its way
+    never_sent = asyncio.create_task(admission.acquire(two_slots))  # would go in call 3
+    await asyncio.sleep(0)
+    batched.cancel()
+    never_sent.cancel()
+    await asyncio.gather(batched, never_sent, return_exceptions=True)
+    go[1].set()
+    lease = await first
+    # Call 2 granted the second slot to a request that had left: it goes back when the answer
+    # comes (not when the lease would expire, 30 s), and call 3 is never made.
+    again = await admission.acquire(two_slots)
+    assert sent.count("EVALSHA") <= 4, sent  # call 1, call 2, the give-back, the last acquire
+    for held_lease in (lease, again):
+        await held_lease.release()
 
 
 async def test_replicas_share_limits_and_grants_reach_the_other_replica(make: Make) -> None:
