@@ -63,6 +63,7 @@ TIMER_SLACK = 0.01  # wake a little after a window frees, so grants close togeth
 # (one round trip instead of two per request while busy); when quiet it goes on its own.
 RELEASE_GATHER = 0.002
 ADMIT_BATCH = 64  # requests in one acquire.lua call at most
+SHUTTING_DOWN = "The gateway is shutting down."
 SCRIPTS = ("acquire", "release", "settle", "move", "leave", "dispatch", "renew")
 
 
@@ -212,7 +213,9 @@ class RedisAdmission(Admission):
             raise too_large(ticket, limits.tpm, self._window)
         if not self._up:
             return await self._degraded(ticket, disconnected, time.monotonic())
-        entry = f"{self.replica}:{next(self._ids):x}"
+        # Zero-padded: the requests of one acquire call share the server's clock, so within a key
+        # and a priority their queue order falls to the entry's name, which must then be arrival.
+        entry = f"{self.replica}:{next(self._ids):012x}"
         loop = asyncio.get_running_loop()
         waiter = _Waiter(ticket, loop.create_future(), time.monotonic())
         # Registered before the call: a grant may reach the listener before this reply does.
@@ -251,7 +254,7 @@ class RedisAdmission(Admission):
     async def _admit_now(self, admission: _Admission) -> list[Any]:
         self._sending = True
         try:
-            await self._admit([admission])
+            await self._admit([admission], inline=True)
         finally:
             self._sending = False
             if self._admitting:  # those that came meanwhile
@@ -273,11 +276,13 @@ class RedisAdmission(Admission):
                     await self._admit(batch)
         finally:
             self._sending = False
-            for left in self._admitting:  # only when stopped (cancelled) in the middle
-                _fail(left.answer, BackendUnavailable("The gateway is shutting down."))
+            for left in self._admitting:  # only when this task is cancelled (the loop closing)
+                _fail(left.answer, BackendUnavailable(SHUTTING_DOWN))
             self._admitting = []
 
-    async def _admit(self, batch: list[_Admission]) -> None:
+    async def _admit(self, batch: list[_Admission], inline: bool = False) -> None:
+        """One acquire.lua call for `batch`; every answer is set, failed or given back (none is
+        left pending, except the inline caller's own when it is the one cancelled)."""
         releases = self._take_releases()
         try:
             reply = await self._run("acquire", self._max_depth, *releases, len(batch), *[a.request for a in batch])
@@ -288,23 +293,34 @@ class RedisAdmission(Admission):
             return
         except BaseException as exc:
             self._give_back(releases)  # sent or not: releasing twice is harmless
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            # The call may have run: leave.lua gives back whatever it got, for each request that
+            # left (here) or that is told of the failure (by its own acquire).
+            for admission in batch:
+                if admission.answer.cancelled():
+                    self._abandon(admission.entry, admission.ticket)
+                elif not (cancelled and inline):  # the inline caller, cancelled, abandons its own
+                    _fail(admission.answer, BackendUnavailable(SHUTTING_DOWN) if cancelled else exc)
+            if cancelled:
+                raise
+            return
+        try:
+            answers = [[_text(status), answer] for status, answer in reply[2]]
+            for admission, (status, _) in zip(batch, answers, strict=True):
+                if status != "queued":
+                    self._waiters.pop(admission.entry, None)
+            self._absorb(reply)
+            for admission, answer in zip(batch, answers):
+                if admission.answer.cancelled():
+                    self._orphan(admission, *answer)
+                elif not admission.answer.done():
+                    admission.answer.set_result(answer)
+        except Exception as exc:  # a reply this code cannot read (a bug): nobody may be left waiting
+            log.exception("admission: unreadable acquire reply")
             for admission in batch:
                 if admission.answer.cancelled():
                     self._abandon(admission.entry, admission.ticket)
                 _fail(admission.answer, exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return
-        answers = [[_text(status), answer] for status, answer in reply[2]]
-        for admission, (status, _) in zip(batch, answers):
-            if status != "queued":
-                self._waiters.pop(admission.entry, None)
-        self._absorb(reply)
-        for admission, answer in zip(batch, answers):
-            if admission.answer.cancelled():
-                self._orphan(admission, *answer)
-            else:
-                admission.answer.set_result(answer)
 
     def _orphan(self, admission: _Admission, status: str, answer: Any) -> None:
         """The request left while its acquire was on the way: what it got goes back."""

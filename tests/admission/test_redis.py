@@ -147,6 +147,25 @@ async def test_a_request_that_leaves_while_its_batch_is_on_the_way_gets_its_gran
         await held_lease.release()
 
 
+async def test_the_requests_of_one_call_keep_their_arrival_order(make: Make) -> None:
+    # They share the server's clock in the queue, so the entries' names must sort as they came.
+    admission = await make(lease_ttl=30, max_depth=50)
+    holder = await admission.acquire(ticket(backends=(("b1", 1),)))
+    order: list[int] = []
+
+    async def wait(i: int) -> None:
+        lease = await admission.acquire(ticket(backends=(("b1", 1),), max_wait=10))
+        order.append(i)
+        await asyncio.sleep(0.005)
+        await lease.release()
+
+    tasks = [asyncio.create_task(wait(i)) for i in range(20)]  # all queued: one call, then one
+    await asyncio.sleep(0.2)
+    await holder.release()
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert order == list(range(20))
+
+
 async def test_replicas_share_limits_and_grants_reach_the_other_replica(make: Make) -> None:
     one, two = await make(), await make()
     assert one.replica != two.replica
