@@ -39,7 +39,7 @@ import uuid
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -53,7 +53,6 @@ from gateway.admission.memory import MemoryAdmission, refusal, show_mode, too_la
 from gateway.errors import BackendUnavailable, ClientClosedRequest
 
 log = logging.getLogger("gateway.admission")
-T = TypeVar("T")
 
 # What an unreachable Redis looks like (a script error is a bug, and is not one of these).
 OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
@@ -577,11 +576,10 @@ class RedisAdmission(Admission):
         except OUTAGE as exc:
             self._trip(exc)
 
-    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._reap)
-        return task
 
     def _reap(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
