@@ -60,6 +60,10 @@ def serve(args: argparse.Namespace) -> None:
         log_config=log_config,
         # Per-request lines come from the gateway itself (with request id, key id, backend).
         access_log=False,
+        # Nothing reads the client's address (limits are per key), so X-Forwarded-For need not be
+        # parsed on every request; and the server's name is not advertised.
+        proxy_headers=False,
+        server_header=False,
         # Longer than clients' and load balancers' idle timeouts (httpx 5 s, nginx 60 s), so the
         # client is the one that closes an idle connection: a server closing it at the instant the
         # client reuses it fails that request.
