@@ -417,7 +417,7 @@ class RedisAdmission(Admission):
         self._leases.pop(lease.id, None)  # no longer renewed: if the release is lost, it expires
         if not self._up:
             return  # it expires in Redis within the lease TTL, unrenewed
-        self._gather(f"{lease.id}\t{lease.ticket.key_id}\t{lease.backend}\t{'' if tokens is None else int(tokens)}")
+        self._gather(_release_arg(lease.id, lease.ticket.key_id, lease.backend, tokens))
 
     def _gather(self, *releases: str) -> None:
         """Releases (lease, key, backend, tokens; tab-separated) to send with the next acquire, or
@@ -566,7 +566,7 @@ class RedisAdmission(Admission):
 
     async def _release_quietly(self, lease_id: str, key: str, backend: str) -> None:
         try:
-            self._absorb(await self._run("release", 1, f"{lease_id}\t{key}\t{backend}\t"))
+            self._absorb(await self._run("release", 1, _release_arg(lease_id, key, backend)))
         except OUTAGE as exc:
             self._trip(exc)
 
@@ -708,6 +708,11 @@ def _ticket_args(ticket: Ticket) -> list[Any]:
     limits = ticket.limits
     return [int(ticket.cost), *("" if v is None else int(v) for v in (limits.rpm, limits.tpm, limits.max_concurrency)),
             *_backend_args(ticket.backends)]
+
+
+def _release_arg(lease: str, key: str, backend: str, tokens: int | None = None) -> str:
+    """One release as release_batch (lib.lua) reads it: tokens '' when unknown."""
+    return f"{lease}\t{key}\t{backend}\t{'' if tokens is None else int(tokens)}"
 
 
 def _backend_args(backends: Sequence[Slot]) -> list[Any]:
