@@ -62,7 +62,8 @@ class Exchange:
     """One HTTP exchange on the ASGI level: the few request headers the pipeline reads, and the
     way back. The POST endpoints are raw ASGI handlers because they are the hot path: Litestar's
     request, signature and response layers cost more CPU per request than all of the gateway's
-    own steps together (bench/README.md); routing and error rendering stay Litestar's."""
+    own steps together (bench/README.md). Their POSTs do not pass through Litestar at all
+    (gateway.app.FrontDoor), which also renders their errors."""
 
     __slots__ = ("receive", "send", "authorization", "request_id", "affinity", "content_length")
 
@@ -116,7 +117,7 @@ class Exchange:
 TOO_LARGE = "The request body is larger than this gateway accepts (server.max_body)."
 
 
-async def _serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
+async def serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
     if scope["method"] != "POST":
         if scope["method"] == "OPTIONS":  # as Litestar answers it for its own routes
             await send({"type": "http.response.start", "status": 204, "headers": [(b"allow", b"OPTIONS, POST")]})
@@ -394,7 +395,7 @@ def _upstream_headers(backend: Backend, request_id: str) -> dict[str, str]:
 
 def _handler(endpoint: Endpoint) -> Any:
     async def handle(scope: Scope, receive: Receive, send: Send) -> None:
-        await _serve(scope, receive, send, endpoint)
+        await serve(scope, receive, send, endpoint)
 
     return asgi(PATHS[endpoint], name=endpoint, copy_scope=False)(handle)
 
