@@ -267,6 +267,34 @@ class SSEDecoder(StreamDecoder):
         super().__init__()
         self._error, self._shape = error, shape
 
+    def feed(self, data: bytes, out: list[dict[str, Any]]) -> None:
+        # The loop every OpenAI-speaking stream runs once per token: the common `data: {json}`
+        # line is decoded here without a method call per line (a fifth of the relay's CPU per
+        # chunk); every other line takes the general path, `line`.
+        lines = (self._partial + data).split(b"\n") if self._partial else data.split(b"\n")
+        self._partial = lines.pop()  # b"" when data ended with a newline
+        shape = self._shape
+        for raw in lines:
+            if self.finished:
+                return  # whatever follows the end is not part of this answer
+            if raw[:6] != b"data: " or raw[6:7] == b"[":  # not a `data: ` line, or `[DONE]`
+                line = raw.strip()
+                if line:
+                    self.line(line, out)
+                continue
+            try:
+                chunk = _decode(raw[6:])  # surrounding whitespace (a `\r`) is JSON whitespace
+            except msgspec.DecodeError:
+                raise UpstreamError(502, "The backend sent a stream event that is not JSON.") from None
+            if type(chunk) is not dict:
+                raise UpstreamError(502, "The backend sent a stream event that is not a JSON object.")
+            if "error" in chunk:
+                raise self._error(None, raw[6:].strip())
+            if shape is None:
+                out.append(chunk)
+            else:
+                out.extend(shape(chunk))
+
     def line(self, line: bytes, out: list[dict[str, Any]]) -> None:
         if line.startswith(b"data:"):
             payload = line[5:].strip()

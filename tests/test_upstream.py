@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from adapters.base import Adapter, UpstreamRequest
-from gateway.errors import BackendUnavailable
+from gateway.errors import BackendUnavailable, UpstreamError
 from gateway.upstream import StreamOutcome, Upstream, relay_stream
 
 REPLY = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n"
@@ -203,3 +203,23 @@ async def test_a_token_that_spells_usage_or_error_is_forwarded_as_text() -> None
                                     include_usage=False)
     assert json.loads(events[0])["choices"][0]["delta"]["content"] == '{"usage": {"x": 1}, "error": "no"}'
     assert outcome.usage == USAGE and outcome.error is None
+
+
+async def test_every_way_of_writing_an_sse_line_is_read() -> None:
+    # CRLF line ends (`[DONE]\r` included), `data:` without its space, comments, `event:` and
+    # `id:` fields, and an event split between reads right after `data: `.
+    a, b = json.dumps(chunk("a")), json.dumps(chunk("b"))
+    c = json.dumps(chunk(None, finish="stop", usage=USAGE))
+    stream = (f": ping\r\nevent: message\r\nid: 1\r\ndata: {a}\r\n\r\ndata:{b}\r\n\r\n"
+              f"data: {c}\r\n\r\ndata: [DONE]\r\n\r\n").encode()
+    cut = stream.index(b"data: {", stream.index(b"data:{")) + len(b"data: ")
+    events, outcome = await relayed([stream[:cut], stream[cut:]], include_usage=False)
+    assert [json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-1]] == ["a", "b", None]
+    assert events[-1] == "[DONE]" and outcome.finished and outcome.usage == USAGE and outcome.error is None
+
+
+async def test_a_stream_event_that_is_not_a_json_object_is_a_502() -> None:
+    for bad in (b"data: {not json\n\n", b"data: [1, 2]\n\n", b"data: 17\n\n"):
+        with pytest.raises(UpstreamError) as caught:
+            await relayed([bad], include_usage=False)
+        assert caught.value.status == 502 and "stream event" in caught.value.message
