@@ -7,7 +7,10 @@ Measures, against one fast fake OpenAI upstream (bench/fake_upstream.py):
   litellm       through LiteLLM Proxy (its own venv, master key, no database): the peer
 with, for each: wrk at fixed concurrency (non-streamed and streamed), the gateway's CPU time per
 request, and an open-loop fixed-rate run for latency and time to first token. Then:
-  1,000 concurrent slow streams held through the gateway (errors, RSS growth), and
+  1,000 concurrent slow streams held through the gateway (errors, RSS growth),
+  issue 9's reference upstream (bench/reference_upstream.py, slower: it serializes each chunk) direct,
+  through a minimal Litestar passthrough (bench/passthrough.py: the floor of the stack) and through
+  the gateway on each store, wrk only: the ratios as the issue's table measured them, and
   a real llama-server (the small Gemma model, slots 2) direct vs through the gateway (tokens/s).
 
 Writes bench/results/latest.{md,json} and a dated copy. Standard library + httpx only; every
@@ -34,6 +37,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -371,7 +375,9 @@ class Bench:
         return statuses
 
     def measure(self, label: str, base: str, key: str | None, model: str,
-                cpu_pids: dict[str, int], warmup: float = 2.0) -> dict[str, Any]:
+                cpu_pids: dict[str, int], warmup: float = 2.0, openloop: bool = True) -> dict[str, Any]:
+        """Sanity requests, warm-up, wrk non-streamed and streamed; then (unless `openloop` is
+        False: the reference rows) the open-loop latency runs."""
         out: dict[str, Any] = {}
         statuses = self.sanity(base, key, model)
         if statuses != [200, 200]:
@@ -386,7 +392,7 @@ class Bench:
             out[name] = self.wrk(base, key, model, stream, self.wrk_duration, cpu_pids)
             log(f"{label}:   {out[name]['rps']} req/s, cpu us/req {out[name].get('cpu_us_per_request')}, "
                 f"errors {out[name]['errors'] or 0}")
-        for stream in (False, True):
+        for stream in (False, True) if openloop else ():
             name = "openloop_stream" if stream else "openloop_nonstream"
             log(f"{label}: open loop {self.args.rate:g} req/s for {self.ol_duration:g}s "
                 f"{'streamed (TTFT)' if stream else 'non-streamed'}")
@@ -398,9 +404,11 @@ class Bench:
 
     # the fake upstream -------------------------------------------------------------------------
 
-    def start_fake(self, name: str, env: dict[str, str]) -> tuple[str, subprocess.Popen]:
+    def start_fake(self, name: str, env: dict[str, str],
+                   app: str = "fake_upstream:app") -> tuple[str, subprocess.Popen]:
+        """An ASGI app of bench/ on uvicorn + uvloop + httptools (the fake upstream by default), ready on /health."""
         port = free_port()
-        proc = self.procs.start(name, [PY, "-m", "uvicorn", "fake_upstream:app", "--app-dir", str(BENCH),
+        proc = self.procs.start(name, [PY, "-m", "uvicorn", app, "--app-dir", str(BENCH),
                                        "--host", HOST, "--port", str(port), "--loop", "uvloop",
                                        "--http", "httptools", "--no-access-log", "--log-level", "warning",
                                        "--backlog", "4096", "--timeout-keep-alive", "60"], env=env)
@@ -516,10 +524,10 @@ def redis_commands(port: int) -> int | None:
 
 def phase_gateway(bench: Bench, label: str, fast: str, slow: str | None, fake_pid: int,
                   store_url: str | None = None, extra_pids: dict[str, int] | None = None,
-                  redis_port: int | None = None, profile: bool = False) -> dict[str, Any]:
+                  redis_port: int | None = None, profile: bool = False, openloop: bool = True) -> dict[str, Any]:
     base, proc = bench.start_gateway(label, fake_backends(fast, slow), store_url)
     try:
-        return _measure_gateway(bench, label, base, proc, slow, fake_pid, extra_pids, redis_port, profile)
+        return _measure_gateway(bench, label, base, proc, slow, fake_pid, extra_pids, redis_port, profile, openloop)
     except (RuntimeError, OSError, httpx.HTTPError, ValueError, KeyError) as exc:
         raise RuntimeError(f"{type(exc).__name__}: {exc} [gateway log: "
                            f"{_short(tail(bench.procs.logs / f'{label}.log', 3))}]") from None
@@ -528,7 +536,8 @@ def phase_gateway(bench: Bench, label: str, fast: str, slow: str | None, fake_pi
 
 
 def _measure_gateway(bench: Bench, label: str, base: str, proc: subprocess.Popen, slow: str | None, fake_pid: int,
-                     extra_pids: dict[str, int] | None, redis_port: int | None, profile: bool) -> dict[str, Any]:
+                     extra_pids: dict[str, int] | None, redis_port: int | None, profile: bool,
+                     openloop: bool = True) -> dict[str, Any]:
     result: dict[str, Any] = {"pid": proc.pid}
     key, auth = bench.create_key(base, label)
     result["auth"] = auth
@@ -537,7 +546,7 @@ def _measure_gateway(bench: Bench, label: str, base: str, proc: subprocess.Popen
     cpu_pids = {"gateway": proc.pid, "upstream": fake_pid, **(extra_pids or {})}
     bench.redis_port = redis_port
     try:
-        result.update(bench.measure(label, base, key, "fake", cpu_pids))
+        result.update(bench.measure(label, base, key, "fake", cpu_pids, openloop=openloop))
     finally:
         bench.redis_port = None
     if redis_port:
@@ -715,6 +724,60 @@ def phase_litellm(bench: Bench, fast: str, fake_pid: int) -> dict[str, Any]:
         bench.procs.stop(proc)
 
 
+def phase_reference(bench: Bench, skip: set[str], http: dict[str, Any]) -> None:
+    """Issue 9's reference upstream (bench/reference_upstream.py, which serializes every chunk):
+    direct, through the minimal passthrough (the floor of the stack), through the gateway on the
+    embedded store and on Redis. wrk runs only: the latency targets stay on the main rows.
+    Fills http["direct_ref"], ["passthrough_ref"], ["gateway_ref"] and ["gateway_redis_ref"]."""
+    try:
+        ref, upstream = bench.start_fake("reference-upstream", {}, app="reference_upstream:app")
+    except (RuntimeError, ProcessExited, OSError) as exc:
+        log(f"reference: the reference upstream would not start: {exc}")
+        why = (f"reference upstream would not start: {exc} "
+               f"[{_short(tail(bench.procs.logs / 'reference-upstream.log', 3))}]")
+        rows = ("direct_ref", "passthrough_ref", "gateway_ref") + (() if "redis" in skip else ("gateway_redis_ref",))
+        for row in rows:
+            http[row] = {"error": why}
+        return
+    try:
+        log(f"reference: issue 9's reference upstream at {ref} (pid {upstream.pid})")
+        cpu = {"upstream": upstream.pid}
+        http["direct_ref"] = _row("direct-ref", lambda: bench.measure("direct-ref", ref, None, "fake", cpu,
+                                                                      openloop=False))
+        http["passthrough_ref"] = _row("passthrough-ref", lambda: phase_passthrough(bench, ref, upstream.pid))
+        http["gateway_ref"] = _row("gateway-ref", lambda: phase_gateway(bench, "gateway-ref", ref, None, upstream.pid,
+                                                                        openloop=False))
+        if "redis" not in skip:
+            http["gateway_redis_ref"] = run_redis_phase(bench, ref, upstream.pid, "gateway-redis-ref", openloop=False)
+    finally:
+        bench.procs.stop(upstream)
+
+
+def phase_passthrough(bench: Bench, upstream: str, upstream_pid: int) -> dict[str, Any]:
+    """bench/passthrough.py in front of `upstream`: the control row (no auth, admission, routing, metrics, usage)."""
+    base, proc = bench.start_fake("passthrough-ref", {"PASSTHROUGH_UPSTREAM": upstream}, app="passthrough:app")
+    try:
+        result: dict[str, Any] = {"pid": proc.pid, "rss_mib_start": _r(rss_mib(proc.pid), 1)}
+        log(f"passthrough-ref: up at {base}")
+        result.update(bench.measure("passthrough-ref", base, None, "fake",
+                                    {"gateway": proc.pid, "upstream": upstream_pid}, openloop=False))
+        result["rss_mib_after_load"] = _r(rss_mib(proc.pid), 1)
+        return result
+    finally:
+        bench.procs.stop(proc)
+
+
+def _row(label: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """One row of a phase: its result, or {"error": ...} so the phase goes on with the next row."""
+    try:
+        return measure()
+    except GatewayRefused as exc:
+        return {"error": f"gateway would not start (exit {exc.code}): {exc.log_tail[-400:]}"}
+    except (RuntimeError, OSError, httpx.HTTPError, ValueError, KeyError, ProcessExited) as exc:
+        log(f"{label}: failed: {exc}")
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def phase_llama(bench: Bench) -> dict[str, Any]:
     """The small Gemma on a gateway-managed llama-server, slots 2: tokens/s direct vs through it."""
     if not MODEL.exists():
@@ -888,28 +951,32 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def derive(results: dict[str, Any]) -> None:
     """Ratios, added latencies and the targets table, from the raw results."""
     http = results["http"]
-    direct = http.get("direct") or {}
     litellm = http.get("litellm") or {}
     for name, r in http.items():
         if not isinstance(r, dict) or "wrk_nonstream" not in r:
             continue
+        # The *_ref rows ran against the issue's reference upstream: their base is its direct row.
+        ref = name.endswith("_ref")
+        base_name = "direct_ref" if ref else "direct"
+        direct = http.get(base_name) or {}
         d: dict[str, Any] = {}
         for kind in ("nonstream", "stream"):
             rps = _get(r, f"wrk_{kind}", "rps")
             d[f"{kind}_rps"] = rps
             d[f"{kind}_vs_direct"] = _ratio(rps, _get(direct, f"wrk_{kind}", "rps"))
-            d[f"{kind}_vs_litellm"] = _ratio(rps, _get(litellm, f"wrk_{kind}", "rps"))
+            d[f"{kind}_vs_litellm"] = None if ref else _ratio(rps, _get(litellm, f"wrk_{kind}", "rps"))
             d[f"{kind}_cpu_us"] = _get(r, f"wrk_{kind}", "cpu_us_per_request", "gateway")
         for q in ("p50", "p99"):
             lat = _get(r, "openloop_nonstream", "latency_ms", q)
             d[f"latency_{q}_ms"] = _r(lat, 3)
             base = _get(direct, "openloop_nonstream", "latency_ms", q)
-            d[f"added_{q}_ms"] = _r(lat - base, 3) if name != "direct" and lat is not None and base is not None else None
+            d[f"added_{q}_ms"] = (_r(lat - base, 3) if name != base_name and lat is not None and base is not None
+                                  else None)
             ttft = _get(r, "openloop_stream", "ttft_ms", q)
             d[f"ttft_{q}_ms"] = _r(ttft, 3)
             base = _get(direct, "openloop_stream", "ttft_ms", q)
-            d[f"added_ttft_{q}_ms"] = (_r(ttft - base, 3) if name != "direct" and ttft is not None and base is not None
-                                       else None)
+            d[f"added_ttft_{q}_ms"] = (_r(ttft - base, 3) if name != base_name and ttft is not None
+                                       and base is not None else None)
         loads = [_get(r, run, "other_load_cores") for run in
                  ("wrk_nonstream", "wrk_stream", "openloop_nonstream", "openloop_stream")]
         d["other_load_max"] = max((x for x in loads if x is not None), default=None)
@@ -951,6 +1018,20 @@ def derive(results: dict[str, Any]) -> None:
         v = d["added_ttft_p50_ms"]
         target(f"added TTFT p50 at {results['settings']['rate']:g} req/s ({key})", None if v is None else f"{v:g} ms",
                f"<= {TARGETS['added_ttft_p50_ms']:g} ms", None if v is None else v <= TARGETS["added_ttft_p50_ms"])
+    if any(name.endswith("_ref") for name in http):
+        for label, key in (("gateway_ref", "embedded store"), ("gateway_redis_ref", "Redis store")):
+            where = f"{key}, issue's reference upstream"
+            d = _get(http, label, "derived")
+            if not d:
+                why = _get(http, label, "unavailable") or _get(http, label, "error") or "not run"
+                target(f"throughput targets ({where})", None, "-", None, str(why)[:200])
+                continue
+            v = d["nonstream_vs_direct"]
+            target(f"non-streamed req/s vs direct ({where})", _x(v), f">= {TARGETS['ns_vs_direct']:g}x",
+                   None if v is None else v >= TARGETS["ns_vs_direct"])
+            v = d["stream_vs_direct"]
+            target(f"streamed req/s vs direct ({where})", _x(v), f">= {TARGETS['stream_vs_direct']:g}x",
+                   None if v is None else v >= TARGETS["stream_vs_direct"])
     llama = results.get("llama") or {}
     v = llama.get("ratio")
     target("llama-server tokens/s through the gateway vs direct", _x(v), f">= {TARGETS['llama_ratio']:g}x",
@@ -1050,6 +1131,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         if r.get("redis_note"):
             lines.append(f"Redis ({title}): {r['redis_note']}.")
     lines.append("")
+    lines += _render_reference(http, s)
 
     llama = results.get("llama") or {}
     hold = _get(http, "gateway", "hold") or {}
@@ -1114,6 +1196,55 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _render_reference(http: dict[str, Any], s: dict[str, Any]) -> list[str]:
+    """The second table: the *_ref rows, against issue 9's reference upstream (none if the phase was skipped)."""
+    rows = [("direct_ref", "direct to upstream"), ("passthrough_ref", "minimal passthrough (Litestar + aiohttp)"),
+            ("gateway_ref", "gateway, embedded store"), ("gateway_redis_ref", "gateway, Redis store")]
+    if not any(http.get(key) for key, _ in rows):
+        return []
+    lines = [
+        "## Issue 9's reference upstream (bench/reference_upstream.py, as in the issue's table)",
+        "",
+        f"The same wrk runs (-c{s['connections']}, {s['wrk_duration']:g}s) against the upstream the issue measured "
+        "its targets with, which serializes every chunk (slower than the fake above). x direct is over this "
+        "table's direct row. The passthrough (bench/passthrough.py) has no auth, admission, routing, metrics or "
+        "usage: the floor of the stack. No open-loop runs here.",
+        "",
+        "| path | non-streamed req/s | x direct | streamed req/s | x direct | CPU us/req (non-str / str) | errors "
+        "| other load |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, title in rows:
+        r = http.get(key)
+        if not r:
+            continue
+        d = r.get("derived")
+        if not d:
+            why = r.get("unavailable") or r.get("error") or "not run"
+            lines.append(f"| {title} | {_short(why)} |  |  |  |  |  |  |")
+            continue
+        cpu = (f"{_fmt(d['nonstream_cpu_us'], digits=0)} / {_fmt(d['stream_cpu_us'], digits=0)}"
+               if key != "direct_ref" else "-")
+        lines.append(
+            f"| {title} | {_fmt(d['nonstream_rps'])} | {_fmt(d['nonstream_vs_direct'], 'x', 3)} "
+            f"| {_fmt(d['stream_rps'])} | {_fmt(d['stream_vs_direct'], 'x', 3)} | {cpu} | {_errors_cell(r)} "
+            f"| {_fmt(d['other_load_max'])} |")
+    lines.append("")
+    upstream_cpu = _get(http, "direct_ref", "wrk_nonstream", "cpu_us_per_request", "upstream")
+    if upstream_cpu:
+        lines.append(f"The reference upstream itself costs {upstream_cpu:g} us of CPU per non-streamed request "
+                     f"({_get(http, 'direct_ref', 'wrk_stream', 'cpu_us_per_request', 'upstream')} us streamed).")
+    redis_cpu = _get(http, "gateway_redis_ref", "wrk_nonstream", "cpu_us_per_request", "redis")
+    if redis_cpu is not None:
+        lines.append(f"redis-server CPU per non-streamed request through the gateway: {redis_cpu:g} us.")
+    for key, title in rows[1:]:
+        note = (http.get(key) or {}).get("status_note")
+        if note:
+            lines.append(f"Status ({title}): {note}.")
+    lines.append("")
+    return lines
+
+
 def _short(text: Any) -> str:
     return str(text).replace("\n", " ").replace("|", "/")[:160]
 
@@ -1145,7 +1276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llama-max-tokens", type=int, default=128)
     parser.add_argument("--llama-rounds", type=int, default=4)
     parser.add_argument("--llama-threads", type=int, default=0, help="llama-server --threads (default: cores - 1)")
-    parser.add_argument("--skip", default="", help="comma list of: redis,litellm,llama,hold")
+    parser.add_argument("--skip", default="", help="comma list of: redis,reference,litellm,llama,hold")
     parser.add_argument("--quiet-cores", type=float, default=0.3,
                         help="before each measured run, wait until other processes use fewer cores than this")
     parser.add_argument("--quiet-budget", type=float, default=180,
@@ -1219,6 +1350,9 @@ def main(argv: list[str] | None = None) -> int:
         if "redis" not in skip:
             http["gateway_redis"] = run_redis_phase(bench, fast, fake.pid)
 
+        if "reference" not in skip:
+            phase_reference(bench, skip, http)
+
         if "litellm" not in skip:
             try:
                 http["litellm"] = phase_litellm(bench, fast, fake.pid)
@@ -1270,28 +1404,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_redis_phase(bench: Bench, fast: str, fake_pid: int) -> dict[str, Any]:
+def run_redis_phase(bench: Bench, fast: str, fake_pid: int, label: str = "gateway-redis",
+                    openloop: bool = True) -> dict[str, Any]:
+    """The gateway on a Redis store (a redis-server of our own, started and stopped here) against `fast`."""
     if not shutil.which("redis-server"):
         return {"unavailable": "redis-server not installed (make system-deps installs it)"}
     port = free_port()
-    redis = bench.procs.start("redis", ["redis-server", "--port", str(port), "--bind", HOST, "--save", "",
+    redis_name = label.replace("gateway-", "", 1)  # "redis", "redis-ref": its log file
+    redis = bench.procs.start(redis_name, ["redis-server", "--port", str(port), "--bind", HOST, "--save", "",
                                         "--appendonly", "no", "--dir", str(bench.work), "--protected-mode", "yes"])
     try:
         deadline = time.monotonic() + 15
         while redis_commands(port) is None:
             if redis.poll() is not None or time.monotonic() > deadline:
-                return {"unavailable": f"redis-server did not start: {tail(bench.work / 'redis.log', 5)}"}
+                return {"unavailable": f"redis-server did not start: {tail(bench.work / f'{redis_name}.log', 5)}"}
             time.sleep(0.1)
         try:
-            return phase_gateway(bench, "gateway-redis", fast, None, fake_pid, store_url=f"redis://{HOST}:{port}/0",
-                                 extra_pids={"redis": redis.pid}, redis_port=port)
+            return phase_gateway(bench, label, fast, None, fake_pid, store_url=f"redis://{HOST}:{port}/0",
+                                 extra_pids={"redis": redis.pid}, redis_port=port, openloop=openloop)
         except GatewayRefused as exc:
             if exc.code == 2:
                 return {"unavailable": "not available: the gateway refuses store.url (exit 2): "
                                        + _short(exc.log_tail[-300:])}
             return {"error": f"gateway exited {exc.code}: {_short(exc.log_tail[-300:])}"}
         except (RuntimeError, OSError, httpx.HTTPError, ValueError, KeyError) as exc:
-            log(f"gateway-redis: failed: {exc}")
+            log(f"{label}: failed: {exc}")
             return {"error": f"{type(exc).__name__}: {exc}"}
     finally:
         bench.procs.stop(redis)
