@@ -266,10 +266,10 @@ async def _relay(exchange: Exchange, writer: Writer, call: Call, headers: list[t
         status = 499 if left else (outcome.error.status if outcome.error else (200 if outcome.finished else 499))
         if outcome.first_chunk_at is not None:
             model = call.model
-            metrics.child(metrics.time_to_first_token, model).observe(outcome.first_chunk_at - call.started)
+            metrics.REQUESTS.first_token(model, outcome.first_chunk_at - call.started)
             if outcome.chunks > 1:
                 gap = (time.perf_counter() - outcome.first_chunk_at) / (outcome.chunks - 1)
-                metrics.child(metrics.inter_token_latency, model).observe(gap)
+                metrics.REQUESTS.token_gap(model, gap)
         error = STALLED if writer.stalled else (outcome.error.message if outcome.error else None)
         await call.finish(status, outcome.usage, error=error)
 
@@ -311,19 +311,19 @@ class Call:
         self.backend = backend
         backend.last_used = time.monotonic()
         backend.inflight += 1
-        metrics.child(metrics.inflight, backend.name).inc()
+        metrics.REQUESTS.attempt_started(backend.name)
 
     def attempt_failed(self) -> None:
         backend = self.backend
         assert backend is not None
         self._leave(backend)
-        metrics.child(metrics.requests_total, self.model, backend.name, self.endpoint, "5xx").inc()
+        metrics.REQUESTS.answered(self.model, backend.name, self.endpoint, "5xx")
         self.backend = None
 
     def _leave(self, backend: Backend) -> None:
         backend.last_used = time.monotonic()
         backend.inflight -= 1
-        metrics.child(metrics.inflight, backend.name).dec()
+        metrics.REQUESTS.attempt_ended(backend.name)
 
     async def finish(self, status: int, usage: dict[str, Any] | None, error: str | None = None) -> None:
         if self.finished:
@@ -335,13 +335,12 @@ class Call:
         if self.backend is not None:
             self._leave(self.backend)
         status_class = metrics.status_class(status)
-        metrics.child(metrics.requests_total, model, backend_name, self.endpoint, status_class).inc()
-        metrics.child(metrics.request_duration, model, self.endpoint).observe(time.perf_counter() - self.started)
+        metrics.REQUESTS.answered(model, backend_name, self.endpoint, status_class)
+        metrics.REQUESTS.duration(model, self.endpoint, time.perf_counter() - self.started)
         prompt = int(usage.get("prompt_tokens") or 0) if usage else 0
         completion = int(usage.get("completion_tokens") or 0) if usage else 0
         if usage:
-            metrics.child(metrics.prompt_tokens, model).inc(prompt)
-            metrics.child(metrics.completion_tokens, model).inc(completion)
+            metrics.REQUESTS.tokens(model, prompt, completion)
         self.gateway.usage.add(self.key_id, route.served, prompt_tokens=prompt, completion_tokens=completion,
                                error=status >= 400)
         if status >= 500 or log.isEnabledFor(logging.DEBUG):
