@@ -72,6 +72,7 @@ class KeyCache:
         self._by_id: dict[str, ApiKey] = {}
         self._principals: dict[str, Principal] = {}  # key id -> its Principal, rebuilt with the cache
         self._task: asyncio.Task[None] | None = None
+        self._changed_while_loading: list[set[str]] = []  # one set per reload reading the store
         self.set_defaults(defaults)
 
     def set_defaults(self, defaults: LimitValues) -> None:
@@ -90,16 +91,38 @@ class KeyCache:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def reload(self) -> None:
-        keys = await self._store.all_keys()
-        self._by_id = {k.id: k for k in keys}
+        changed: set[str] = set()
+        self._changed_while_loading.append(changed)
+        try:
+            keys = await self._store.all_keys()
+        finally:
+            self._changed_while_loading.remove(changed)
+        by_id = {k.id: k for k in keys}
+        # A key applied while the store was read is newer than what the read saw.
+        for key_id in changed:
+            if key_id in self._by_id:
+                by_id[key_id] = self._by_id[key_id]
+            else:
+                by_id.pop(key_id, None)
+        self._by_id = by_id
         self._rebuild()
 
     async def refresh(self, key_id: str) -> None:
         key = await self._store.get_key(key_id)
         if key is None:
             self._by_id.pop(key_id, None)
+            for changed in self._changed_while_loading:
+                changed.add(key_id)
+            self._rebuild()
         else:
-            self._by_id[key_id] = key
+            self.apply(key)
+
+    def apply(self, key: ApiKey) -> None:
+        """A key as this replica's admin API just wrote it: in force before the answer goes out,
+        without waiting for the change feed (which tells the other replicas)."""
+        self._by_id[key.id] = key
+        for changed in self._changed_while_loading:
+            changed.add(key.id)
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -119,22 +142,44 @@ class KeyCache:
         )
 
     async def _follow(self) -> None:
+        """Apply the store's key changes as they come; reload everything at least every
+        FULL_RELOAD_INTERVAL, and whenever the feed may have missed some (it says None).
+
+        The feed's next item is awaited with asyncio.wait, which leaves it pending when the
+        interval passes first. asyncio.wait_for would cancel it, and cancelling an async
+        generator's pending step ends the generator: every later change, revocations included,
+        would be lost until a restart."""
         changes = self._store.key_changes()
+        pending: asyncio.Future[str | None] | None = None
         next_full = time.monotonic() + FULL_RELOAD_INTERVAL
-        while True:
-            try:
-                key_id = await asyncio.wait_for(anext(changes), timeout=FULL_RELOAD_INTERVAL)
-            except asyncio.TimeoutError:
-                key_id = None
-            try:
-                if key_id is None or time.monotonic() >= next_full:
-                    await self.reload()
-                    next_full = time.monotonic() + FULL_RELOAD_INTERVAL
-                else:
-                    await self.refresh(key_id)
-            except Exception as exc:  # noqa: BLE001 - keep serving from the last good cache
-                log.warning("key cache refresh failed (%s); serving the last loaded keys", exc)
-                await asyncio.sleep(1.0)
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(changes))
+                done, _ = await asyncio.wait({pending}, timeout=max(0.0, next_full - time.monotonic()))
+                key_id: str | None = None
+                if done:
+                    step, pending = pending, None
+                    try:
+                        key_id = step.result()
+                    except Exception as exc:  # noqa: BLE001 - the feed ended or broke: start it again
+                        log.warning("key change feed ended (%s); starting it again", exc or type(exc).__name__)
+                        await asyncio.sleep(1.0)
+                        changes = self._store.key_changes()  # starts with None: a full reload
+                        continue
+                try:
+                    if key_id is None or time.monotonic() >= next_full:
+                        await self.reload()
+                        next_full = time.monotonic() + FULL_RELOAD_INTERVAL
+                    else:
+                        await self.refresh(key_id)
+                except Exception as exc:  # noqa: BLE001 - keep serving from the last good cache
+                    log.warning("key cache refresh failed (%s); serving the last loaded keys", exc)
+                    await asyncio.sleep(1.0)
+        finally:
+            if pending is not None:
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The key behind an `Authorization` header's value."""

@@ -109,6 +109,7 @@ async def create_key(request: Request[Any, Any, Any]) -> Response[Any]:
     gateway = _gateway(request)
     fields = _fields(decode_as(await request.body(), KeyCreate))
     key, secret = await keys.issue(gateway.store, fields)
+    gateway.keys.apply(key)  # usable the moment the secret is shown
     return _json({**keys.public(key), "key": secret}, 201)
 
 
@@ -139,13 +140,17 @@ async def show_key(request: Request[Any, Any, Any], key_id: str) -> Response[Any
 async def update_key(request: Request[Any, Any, Any], key_id: str) -> Response[Any]:
     gateway = _gateway(request)
     fields = _fields(decode_as(await request.body(), KeyUpdate))
-    return _json(keys.public(await keys.update(gateway.store, key_id, fields)))
+    key = await keys.update(gateway.store, key_id, fields)
+    gateway.keys.apply(key)
+    return _json(keys.public(key))
 
 
 @delete("/admin/keys/{key_id:str}", status_code=200)
 async def revoke_key(request: Request[Any, Any, Any], key_id: str) -> Response[Any]:
     gateway = _gateway(request)
-    return _json(keys.public(await keys.revoke(gateway.store, key_id)))
+    key = await keys.revoke(gateway.store, key_id)
+    gateway.keys.apply(key)  # refused from this answer on
+    return _json(keys.public(key))
 
 
 @post("/admin/keys/{key_id:str}/rotate")
@@ -153,6 +158,7 @@ async def rotate_key(request: Request[Any, Any, Any], key_id: str) -> Response[A
     gateway = _gateway(request)
     body = decode_as(await request.body(), KeyRotate)
     key, secret = await keys.rotate(gateway.store, key_id, _seconds(body.grace_period, "grace_period"))
+    gateway.keys.apply(key)
     return _json({**keys.public(key), "key": secret})
 
 

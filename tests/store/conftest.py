@@ -1,0 +1,49 @@
+"""The stores under test: every store test runs against SQLite and against a real Redis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.store.base import ApiKey, Store, hash_secret
+from gateway.store.redis import RedisStore
+from gateway.store.sqlite import SQLiteStore
+
+OpenStore = Callable[[], Awaitable[Store]]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenStore]:
+    """Opens store objects on one set of data; a second one is the store after a restart."""
+    opened: list[Store] = []
+    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+
+    async def open_one() -> Store:
+        s: Store = (RedisStore(aioredis.Redis.from_url(redis_url)) if redis_url
+                    else SQLiteStore(tmp_path / "gateway.db"))
+        await s.open()
+        opened.append(s)
+        return s
+
+    yield open_one
+    for s in opened:
+        await s.close()
+        if isinstance(s, RedisStore):
+            await s.redis.aclose()
+
+
+@pytest.fixture
+async def store(open_store: OpenStore) -> Store:
+    return await open_store()
+
+
+def make_key(key_id: str = "key_1", **changes: object) -> ApiKey:
+    now = time.time()
+    fields = dict(id=key_id, name="alice", hash=hash_secret("sk-gw-" + key_id), prefix="sk-gw-abcdef",
+                  created_at=now, updated_at=now, models=["m"], rpm=10, metadata={"team": "a"})
+    fields.update(changes)
+    return ApiKey(**fields)  # type: ignore[arg-type]
