@@ -163,7 +163,7 @@ class KeyCache:
                     try:
                         key_id = step.result()
                     except Exception as exc:  # noqa: BLE001 - the feed ended or broke: start it again
-                        log.warning("key change feed ended (%s); starting it again", exc or type(exc).__name__)
+                        log.warning("key change feed ended (%s); starting it again", str(exc) or type(exc).__name__)
                         await asyncio.sleep(1.0)
                         changes = self._store.key_changes()  # starts with None: a full reload
                         continue
