@@ -206,13 +206,13 @@ async def test_a_token_that_spells_usage_or_error_is_forwarded_as_text() -> None
 
 
 async def test_every_way_of_writing_an_sse_line_is_read() -> None:
-    # CRLF line ends (`[DONE]\r` included), `data:` without its space, comments, `event:` and
-    # `id:` fields, and an event split between reads right after `data: `.
+    # CRLF line ends (`[DONE]\r` included), `data:` without its space or with two, comments,
+    # `event:` and `id:` fields, and an event split between reads right after `data: `.
     a, b = json.dumps(chunk("a")), json.dumps(chunk("b"))
     c = json.dumps(chunk(None, finish="stop", usage=USAGE))
     stream = (f": ping\r\nevent: message\r\nid: 1\r\ndata: {a}\r\n\r\ndata:{b}\r\n\r\n"
-              f"data: {c}\r\n\r\ndata: [DONE]\r\n\r\n").encode()
-    cut = stream.index(b"data: {", stream.index(b"data:{")) + len(b"data: ")
+              f"data:  {c}\r\n\r\ndata:  [DONE]\r\n\r\n").encode()
+    cut = stream.index(b"data: {") + len(b"data: ")
     events, outcome = await relayed([stream[:cut], stream[cut:]], include_usage=False)
     assert [json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-1]] == ["a", "b", None]
     assert events[-1] == "[DONE]" and outcome.finished and outcome.usage == USAGE and outcome.error is None
