@@ -49,7 +49,10 @@ class UsageRecorder:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL)
-            await self.flush()
+            # Shielded: stop() cancels this task, and a batch cancelled on its way to the store
+            # would be lost (or, put back, counted twice if the store had applied it). stop()'s
+            # own flush waits for it on the lock instead.
+            await asyncio.shield(self.flush())
 
     async def flush(self) -> None:
         async with self._lock:
