@@ -604,6 +604,10 @@ class RedisAdmission(Admission):
                     await self._redis.ping()
                 except OUTAGE:
                     continue
+                except Exception as exc:  # noqa: BLE001 - an error reply (BUSY, NOPERM): still not usable
+                    # This task is the only one that closes the circuit: it must outlive any answer.
+                    log.warning("Redis answered the probe with an error (%s); admission stays %s", exc, self.mode)
+                    continue
                 self._recover()
                 continue
             try:
@@ -617,7 +621,10 @@ class RedisAdmission(Admission):
                 continue
             for message in reply[1] if reply else ():
                 if message:  # b"": stop() waking it
-                    self._granted(_grant(message))
+                    try:
+                        self._granted(_grant(message))
+                    except Exception:  # noqa: BLE001 - one unreadable message must not end the listener
+                        log.exception("admission: unreadable grant message %r", message)
 
     async def _renew_loop(self) -> None:
         while not self._stopping:
@@ -634,20 +641,18 @@ class RedisAdmission(Admission):
                 args += [entry, waiter.ticket.key_id]
             try:
                 reply = await self._run("renew", *args)
+                for lost in reply[2]:
+                    if _text(lost) in self._movers:
+                        continue  # moved a moment ago; the news is on its way
+                    lease = self._leases.pop(_text(lost), None)
+                    if lease is not None and not lease.released:
+                        log.warning("admission lease %s expired in Redis before it was renewed (Redis restarted, "
+                                    "or this replica stalled longer than queue.lease_ttl)", lease.id)
+                self._absorb(reply)
             except OUTAGE as exc:
                 self._trip(exc)
-                continue
-            except Exception:
+            except Exception:  # noqa: BLE001 - the loop must outlive a failed call or an unreadable reply
                 log.exception("admission lease renewal failed")
-                continue
-            for lost in reply[2]:
-                if _text(lost) in self._movers:
-                    continue  # moved a moment ago; the news is on its way
-                lease = self._leases.pop(_text(lost), None)
-                if lease is not None and not lease.released:
-                    log.warning("admission lease %s expired in Redis before it was renewed (Redis restarted, "
-                                "or this replica stalled longer than queue.lease_ttl)", lease.id)
-            self._absorb(reply)
 
     # --- the circuit ---------------------------------------------------------------------------
 

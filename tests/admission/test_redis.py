@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from gateway import metrics
 from gateway.admission import keys
@@ -329,3 +330,44 @@ async def test_local_mode_keeps_to_the_replicas_share(make: Make, redis_server: 
         await asyncio.sleep(0.1)
     assert admission.mode == "redis"
     await (await admission.acquire(ticket(backends=backends, max_wait=1))).release()
+
+
+async def test_the_probe_outlives_an_error_reply_and_closes_the_circuit(make: Make) -> None:
+    # A Redis busy with a long script answers PING with -BUSY: still down, but the probe, the
+    # only thing that closes the circuit, must go on (it used to end the listener for good).
+    admission = await make(probe_interval=0.1)
+    real_ping, errors = admission._redis.ping, 3
+
+    async def busy_ping(**options: Any) -> Any:
+        nonlocal errors
+        if errors:
+            errors -= 1
+            raise ResponseError("BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSCRIPT.")
+        return await real_ping(**options)
+
+    admission._redis.ping = busy_ping  # type: ignore[method-assign]
+    admission._trip(ConnectionError("test: Redis went away"))
+    assert admission.mode == "fail_closed"
+    deadline = time.monotonic() + 5
+    while admission.mode != "redis" and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert errors == 0 and admission.mode == "redis"
+    await (await admission.acquire(ticket(max_wait=1))).release()
+
+
+async def test_an_unreadable_grant_message_does_not_end_the_listener(make: Make, redis_url: str) -> None:
+    first = await make()
+    second = await make()
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.rpush(keys.key(keys.NOTIFY, first.replica), b"not a grant")
+        await asyncio.sleep(0.3)
+        # A grant another replica's dispatch sends still arrives.
+        held = await second.acquire(ticket(backends=(("b1", 1),)))
+        queued = asyncio.create_task(first.acquire(ticket(backends=(("b1", 1),), max_wait=10)))
+        await asyncio.sleep(0.2)
+        await held.release()
+        lease = await asyncio.wait_for(queued, 5)
+        await lease.release()
+    finally:
+        await client.aclose()
