@@ -283,8 +283,9 @@ class RuntimeProcess:
                     await self._handle(event)
                 except asyncio.CancelledError:
                     raise
-                except Exception:  # a bug here must not leave the process unowned
+                except Exception as exc:  # a bug here must not leave the process unowned
                     log.exception("backend %s: supervisor error", self.name)
+                    await self._after_error(exc)
                     await asyncio.sleep(1.0)
         finally:
             self._hard_kill()
@@ -293,6 +294,18 @@ class RuntimeProcess:
                     task.cancel()
             self._settle(self._start_waiters, StartFailed("the gateway is shutting down"))
             self._settle(self._stop_waiters, None)
+
+    async def _after_error(self, exc: Exception) -> None:
+        """An unexpected error cut a start short (out of file descriptors while picking a port,
+        an adapter bug): count it as a failed start, so it is retried with back-off or parked
+        with the reason, instead of staying `starting` with no timer to move it on."""
+        if self.state is not State.STARTING:
+            return
+        try:
+            await self._terminate()
+        except Exception:  # noqa: BLE001 - the state must move on regardless
+            log.exception("backend %s: could not end the interrupted start", self.name)
+        self._crashed(f"supervisor error while starting: {exc}", "crash", while_starting=True)
 
     def _timer(self) -> float | None:
         """Seconds until the next timed action in the current state; None: only events."""

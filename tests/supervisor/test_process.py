@@ -301,3 +301,24 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
     except OSError:
         return ""
+
+
+async def test_an_unexpected_error_while_starting_is_a_failed_start_that_is_retried(
+        supervise: MakeSupervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Out of file descriptors while a port is picked: the start used to stay `starting` for good.
+    real_free_port, failures = process_module.free_port, 1
+
+    def no_fds(taken: Any = ()) -> int:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise OSError(24, "Too many open files")
+        return real_free_port(taken)
+
+    monkeypatch.setattr(process_module, "free_port", no_fds)
+    sup = await supervise(fake("b1", restart_backoff="0.2s"), start=False)
+    await sup.start()
+    backend = sup.backends["b1"]
+    assert await until(lambda: backend.ready, 15), backend.describe()
+    assert failures == 0 and backend.process is not None and backend.process.restarts == 1
+    assert "Too many open files" in (backend.process.last_exit or "")
