@@ -112,6 +112,8 @@ class Gateway:
                 log.info("config reloaded on SIGHUP: %s", summary)
             except GatewayError as exc:
                 log.error("config reload on SIGHUP refused, nothing changed: %s", exc.message)
+            except Exception:  # a bug: the operator must hear of it now, not at the next SIGHUP
+                log.exception("config reload on SIGHUP failed")
 
         task = asyncio.ensure_future(run())
         self._reload_task = task  # keep a reference until it ends

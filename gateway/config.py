@@ -379,9 +379,11 @@ def resolve_paths(config: Config, base_dir: Path) -> Config:
 def load(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Config:
     file = Path(path)
     try:
-        text = file.read_text()
+        text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{file}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{file}: not UTF-8 text (byte {exc.start})"]) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

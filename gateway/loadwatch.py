@@ -27,8 +27,7 @@ class LoadWatch:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        if not any(b.adapter.load_path for b in self._backends):
-            return
+        # Always: a reload may add a backend that reports its load to a gateway that had none.
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8, force_close=True))
         self._task = asyncio.create_task(self._run(), name="load-watch")
 
@@ -46,7 +45,12 @@ class LoadWatch:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.gather(*(self._sample(b) for b in self._backends if b.adapter.load_path))
+            sampled = [b for b in self._backends if b.adapter.load_path]
+            results = await asyncio.gather(*(self._sample(b) for b in sampled), return_exceptions=True)
+            for backend, result in zip(sampled, results):
+                if isinstance(result, Exception):  # a bug in reading one report must not end the watch
+                    self.loads.pop(backend.name, None)
+                    log.error("load report from %s could not be read", backend.name, exc_info=result)
             await asyncio.sleep(self._interval)
 
     async def _sample(self, backend: Any) -> None:
@@ -60,6 +64,7 @@ class LoadWatch:
                 load = backend.adapter.load(resp.status, await resp.read())
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
             log.debug("load report from %s failed: %s", backend.name, exc)
+            self.loads.pop(backend.name, None)  # an old report would steer routing on stale news
             return
         if load is None:
             self.loads.pop(backend.name, None)

@@ -106,6 +106,15 @@ def test_load_reports_yaml_syntax_errors(tmp_path: Path) -> None:
     assert info.value.problems[0].startswith(f"{path}: not valid YAML (line 3, column 4)")
 
 
+def test_load_refuses_a_file_that_is_not_utf8(tmp_path: Path) -> None:
+    # A SIGHUP reload of such a file used to end in an exception nobody logged.
+    path = tmp_path / "gateway.yaml"
+    path.write_bytes("backends: []\n# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert "not UTF-8" in info.value.problems[0]
+
+
 def test_example_config_is_valid() -> None:
     config = load(ROOT / "config.example.yaml", env={})
     assert config.backends[0].serves == ["gemma3-270m"]

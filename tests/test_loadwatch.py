@@ -1,0 +1,79 @@
+"""The load watch: each backend's own load report, sampled every interval, for routing."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from adapters.base import Load
+from gateway.loadwatch import LoadWatch
+
+
+def _load(status: int, body: bytes) -> Load | None:
+    if body == b"bug":
+        raise KeyError("a parser bug")
+    return Load(running=float(body)) if status == 200 else None
+
+
+def backend(name: str, url: str, load_path: str | None = "/load") -> Any:
+    return SimpleNamespace(name=name, url=url, ready=True, config=SimpleNamespace(runtime="llamacpp"),
+                           adapter=SimpleNamespace(load_path=load_path, load=_load))
+
+
+@pytest.fixture
+async def reports() -> Any:
+    """A runtime whose /load answers whatever the test puts in `body` (None: no answer, 500)."""
+    state = SimpleNamespace(body=b"3", url="")
+
+    async def load(_: web.Request) -> web.Response:
+        if state.body is None:
+            return web.Response(status=500)
+        return web.Response(body=state.body)
+
+    app = web.Application()
+    app.router.add_get("/load", load)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    state.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    yield state
+    await runner.cleanup()
+
+
+async def until(check: Any, timeout: float = 5.0) -> bool:
+    for _ in range(int(timeout / 0.02)):
+        if check():
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def test_a_reload_that_adds_a_reporting_backend_gets_it_watched(reports: Any) -> None:
+    watch = LoadWatch([backend("plain", "http://127.0.0.1:9", load_path=None)], interval=0.05)
+    await watch.start()
+    try:
+        watch.replace([backend("plain", "http://127.0.0.1:9", load_path=None), backend("v", reports.url)])
+        assert await until(lambda: "v" in watch.loads)
+        assert watch.loads["v"].running == 3
+    finally:
+        await watch.stop()
+
+
+async def test_a_failing_report_is_dropped_and_a_bug_does_not_end_the_watch(reports: Any) -> None:
+    watch = LoadWatch([backend("v", reports.url)], interval=0.05)
+    await watch.start()
+    try:
+        assert await until(lambda: "v" in watch.loads)
+        reports.body = b"bug"  # the parser raises: logged, the old report dropped, the watch goes on
+        assert await until(lambda: "v" not in watch.loads)
+        reports.body = b"5"
+        assert await until(lambda: "v" in watch.loads and watch.loads["v"].running == 5)
+        reports.body = b"not a number"  # ValueError: a failed sample, no stale report kept
+        assert await until(lambda: "v" not in watch.loads)
+    finally:
+        await watch.stop()
