@@ -242,8 +242,13 @@ class Supervisor:
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._reap)
         return task
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("supervisor task %s failed", task.get_name(), exc_info=exc)
 
     def _process_for(self, backend: Backend) -> RuntimeProcess:
         assert self._probes is not None
@@ -486,6 +491,9 @@ class Supervisor:
             health, detail = None, f"no answer to the health check within {timeout:g}s"
         except (aiohttp.ClientError, OSError) as exc:
             health, detail = None, f"unreachable: {type(exc).__name__} {exc}".strip()
+        except Exception as exc:  # noqa: BLE001 - an answer the adapter cannot read is not health
+            log.exception("backend %s (attached): unreadable health answer", backend.name)
+            health, detail = None, f"unreadable health answer: {type(exc).__name__} {exc}".strip()
         new = State.READY if health is Health.READY else State.UNHEALTHY
         if new is not backend.attached_state:
             metrics.backend_transition(backend.name, backend.config.runtime, backend.attached_state.value, new.value)
@@ -518,7 +526,10 @@ class Supervisor:
     async def _watch_attached(self, backend: Backend) -> None:
         while True:
             await asyncio.sleep(backend.config.health_interval)
-            await self._probe_attached(backend)
+            try:
+                await self._probe_attached(backend)
+            except Exception:  # noqa: BLE001 - the watch must outlive a bug, or the state freezes
+                log.exception("backend %s (attached): health watch failed", backend.name)
 
 
 def _why(model: str | None, backends: Sequence[Backend], what: str) -> str:

@@ -322,3 +322,38 @@ async def test_an_unexpected_error_while_starting_is_a_failed_start_that_is_retr
     assert await until(lambda: backend.ready, 15), backend.describe()
     assert failures == 0 and backend.process is not None and backend.process.restarts == 1
     assert "Too many open files" in (backend.process.last_exit or "")
+
+
+async def test_an_attached_backend_whose_health_answer_cannot_be_read_is_unhealthy_not_frozen(
+        supervise: MakeSupervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiohttp import web
+
+    from adapters.base import Adapter, Health
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    broken = True
+
+    def reading(self: Adapter, status: int, body: bytes) -> Health:
+        if broken:
+            raise KeyError("an adapter bug")
+        return Health.READY
+
+    monkeypatch.setattr(Adapter, "health", reading)
+    try:
+        sup = await supervise({"name": "far", "runtime": "openai", "url": f"http://127.0.0.1:{port}",
+                               "serves": ["far-model"], "health_interval": "0.1s"})
+        backend = sup.backends["far"]
+        assert await until(lambda: backend.state is State.UNHEALTHY, 5), backend.describe()
+        assert "unreadable health answer" in backend.reason
+        broken = False  # the watch went on: the backend comes back
+        assert await until(lambda: backend.ready, 5), backend.describe()
+    finally:
+        await runner.cleanup()
