@@ -1093,35 +1093,15 @@ def render_markdown(results: dict[str, Any]) -> str:
         "| errors | other load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for key, title in rows:
-        r = http.get(key)
-        if not r:
-            continue
-        d = r.get("derived")
-        if not d:
-            why = r.get("unavailable") or r.get("error") or "not run"
-            lines.append(f"| {title} | {_short(why)} |  |  |  |  |  |  |  |  |  |  |  |  |")
-            continue
-        errors = _errors_cell(r)
-        cpu = (f"{_fmt(d['nonstream_cpu_us'], digits=0)} / {_fmt(d['stream_cpu_us'], digits=0)}"
-               if key != "direct" else "-")
-        lines.append(
-            f"| {title} | {_fmt(d['nonstream_rps'])} | {_fmt(d['nonstream_vs_direct'], 'x', 3)} "
-            f"| {_fmt(d['nonstream_vs_litellm'], 'x', 1)} | {_fmt(d['stream_rps'])} "
-            f"| {_fmt(d['stream_vs_direct'], 'x', 3)} | {_fmt(d['stream_vs_litellm'], 'x', 1)} | {cpu} "
-            f"| {_fmt(d['latency_p50_ms'])} / {_fmt(d['latency_p99_ms'])} "
-            f"| {_fmt(d['added_p50_ms'])} / {_fmt(d['added_p99_ms'])} "
-            f"| {_fmt(d['ttft_p50_ms'])} / {_fmt(d['ttft_p99_ms'])} | {_fmt(d['added_ttft_p50_ms'])} | {errors} "
-            f"| {_fmt(d['other_load_max'])} |")
+    lines += _table(http, rows, 14, lambda key, r, d: [
+        _fmt(d["nonstream_rps"]), _fmt(d["nonstream_vs_direct"], "x", 3), _fmt(d["nonstream_vs_litellm"], "x", 1),
+        _fmt(d["stream_rps"]), _fmt(d["stream_vs_direct"], "x", 3), _fmt(d["stream_vs_litellm"], "x", 1),
+        _cpu_cell(key, d), f"{_fmt(d['latency_p50_ms'])} / {_fmt(d['latency_p99_ms'])}",
+        f"{_fmt(d['added_p50_ms'])} / {_fmt(d['added_p99_ms'])}", f"{_fmt(d['ttft_p50_ms'])} / {_fmt(d['ttft_p99_ms'])}",
+        _fmt(d["added_ttft_p50_ms"]), _errors_cell(r), _fmt(d["other_load_max"])])
     lines += ["", "Other load = the most cores that processes outside the bench used during one of that row's four "
               "measured runs (the machine is shared; above ~0.3 the row's figures are pessimistic).", ""]
-    upstream_cpu = _get(http, "direct", "wrk_nonstream", "cpu_us_per_request", "upstream")
-    if upstream_cpu:
-        lines.append(f"The fake upstream itself costs {upstream_cpu:g} us of CPU per non-streamed request "
-                     f"({_get(http, 'direct', 'wrk_stream', 'cpu_us_per_request', 'upstream')} us streamed).")
-    redis_cpu = _get(http, "gateway_redis", "wrk_nonstream", "cpu_us_per_request", "redis")
-    if redis_cpu is not None:
-        lines.append(f"redis-server CPU per non-streamed request through the gateway: {redis_cpu:g} us.")
+    lines += _costs(http, "direct", "gateway_redis", "The fake upstream")
     for key, title in rows[1:]:
         r = http.get(key) or {}
         if r.get("auth"):
@@ -1214,6 +1194,24 @@ def _render_reference(http: dict[str, Any], s: dict[str, Any]) -> list[str]:
         "| other load |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    lines += _table(http, rows, 8, lambda key, r, d: [
+        _fmt(d["nonstream_rps"]), _fmt(d["nonstream_vs_direct"], "x", 3), _fmt(d["stream_rps"]),
+        _fmt(d["stream_vs_direct"], "x", 3), _cpu_cell(key, d), _errors_cell(r), _fmt(d["other_load_max"])])
+    lines.append("")
+    lines += _costs(http, "direct_ref", "gateway_redis_ref", "The reference upstream")
+    for key, title in rows[1:]:
+        note = (http.get(key) or {}).get("status_note")
+        if note:
+            lines.append(f"Status ({title}): {note}.")
+    lines.append("")
+    return lines
+
+
+def _table(http: dict[str, Any], rows: list[tuple[str, str]], width: int,
+           cells: Callable[[str, dict[str, Any], dict[str, Any]], list[str]]) -> list[str]:
+    """A Markdown row per path that ran: its title and `cells(key, result, derived)`, or why it has
+    no figures, padded to `width` columns."""
+    lines = []
     for key, title in rows:
         r = http.get(key)
         if not r:
@@ -1221,27 +1219,28 @@ def _render_reference(http: dict[str, Any], s: dict[str, Any]) -> list[str]:
         d = r.get("derived")
         if not d:
             why = r.get("unavailable") or r.get("error") or "not run"
-            lines.append(f"| {title} | {_short(why)} |  |  |  |  |  |  |")
+            lines.append(f"| {title} | {_short(why)} |" + "  |" * (width - 2))
             continue
-        cpu = (f"{_fmt(d['nonstream_cpu_us'], digits=0)} / {_fmt(d['stream_cpu_us'], digits=0)}"
-               if key != "direct_ref" else "-")
-        lines.append(
-            f"| {title} | {_fmt(d['nonstream_rps'])} | {_fmt(d['nonstream_vs_direct'], 'x', 3)} "
-            f"| {_fmt(d['stream_rps'])} | {_fmt(d['stream_vs_direct'], 'x', 3)} | {cpu} | {_errors_cell(r)} "
-            f"| {_fmt(d['other_load_max'])} |")
-    lines.append("")
-    upstream_cpu = _get(http, "direct_ref", "wrk_nonstream", "cpu_us_per_request", "upstream")
+        lines.append("| " + " | ".join([title, *cells(key, r, d)]) + " |")
+    return lines
+
+
+def _cpu_cell(key: str, d: dict[str, Any]) -> str:
+    if key.startswith("direct"):
+        return "-"  # the direct row has no gateway
+    return f"{_fmt(d['nonstream_cpu_us'], digits=0)} / {_fmt(d['stream_cpu_us'], digits=0)}"
+
+
+def _costs(http: dict[str, Any], direct: str, redis_row: str, upstream: str) -> list[str]:
+    """The upstream's own CPU per request (from its direct row), and redis-server's behind the gateway."""
+    lines = []
+    upstream_cpu = _get(http, direct, "wrk_nonstream", "cpu_us_per_request", "upstream")
     if upstream_cpu:
-        lines.append(f"The reference upstream itself costs {upstream_cpu:g} us of CPU per non-streamed request "
-                     f"({_get(http, 'direct_ref', 'wrk_stream', 'cpu_us_per_request', 'upstream')} us streamed).")
-    redis_cpu = _get(http, "gateway_redis_ref", "wrk_nonstream", "cpu_us_per_request", "redis")
+        lines.append(f"{upstream} itself costs {upstream_cpu:g} us of CPU per non-streamed request "
+                     f"({_get(http, direct, 'wrk_stream', 'cpu_us_per_request', 'upstream')} us streamed).")
+    redis_cpu = _get(http, redis_row, "wrk_nonstream", "cpu_us_per_request", "redis")
     if redis_cpu is not None:
         lines.append(f"redis-server CPU per non-streamed request through the gateway: {redis_cpu:g} us.")
-    for key, title in rows[1:]:
-        note = (http.get(key) or {}).get("status_note")
-        if note:
-            lines.append(f"Status ({title}): {note}.")
-    lines.append("")
     return lines
 
 
