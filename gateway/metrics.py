@@ -40,8 +40,8 @@ class RequestStats(Collector):
     def __init__(self) -> None:
         self._inflight: dict[str, int] = {}
         self._requests: dict[tuple[str, str, str, str], list[float]] = {}  # labels -> [count, created]
-        self._prompt: dict[str, list[float]] = {}
-        self._completion: dict[str, list[float]] = {}
+        self._prompt: dict[tuple[str], list[float]] = {}
+        self._completion: dict[tuple[str], list[float]] = {}
         self._durations: dict[tuple[str, str], list[float]] = {}  # labels -> bucket counts, sum, created
         self._ttft: dict[tuple[str], list[float]] = {}
         self._gaps: dict[tuple[str], list[float]] = {}
@@ -53,20 +53,14 @@ class RequestStats(Collector):
         self._inflight[backend] -= 1
 
     def answered(self, model: str, backend: str, endpoint: str, status_class: str) -> None:
-        counter = self._requests.get((model, backend, endpoint, status_class))
-        if counter is None:
-            counter = self._requests[(model, backend, endpoint, status_class)] = [0, time.time()]
-        counter[0] += 1
+        _count(self._requests, (model, backend, endpoint, status_class), 1)
 
     def duration(self, model: str, endpoint: str, seconds: float) -> None:
         _observe(self._durations, (model, endpoint), _LATENCY, seconds)
 
     def tokens(self, model: str, prompt: int, completion: int) -> None:
-        for counts, n in ((self._prompt, prompt), (self._completion, completion)):
-            counter = counts.get(model)
-            if counter is None:
-                counter = counts[model] = [0, time.time()]
-            counter[0] += n
+        _count(self._prompt, (model,), prompt)
+        _count(self._completion, (model,), completion)
 
     def first_token(self, model: str, seconds: float) -> None:
         _observe(self._ttft, (model,), _LATENCY, seconds)
@@ -85,14 +79,21 @@ class RequestStats(Collector):
                          "Mean gap between streamed chunks, one observation per stream.", ["model"], _TOKEN_GAP,
                          self._gaps)
         yield _counter("gateway_prompt_tokens", "Prompt tokens, as the runtime counted them.", ["model"],
-                       {(k,): v for k, v in self._prompt.items()})
+                       self._prompt)
         yield _counter("gateway_completion_tokens", "Completion tokens, as the runtime counted them.", ["model"],
-                       {(k,): v for k, v in self._completion.items()})
+                       self._completion)
         inflight = GaugeMetricFamily("gateway_inflight_requests", "Requests being served upstream now.",
                                      labels=["backend"])
         for backend, n in self._inflight.items():
             inflight.add_metric([backend], n)
         yield inflight
+
+
+def _count(series: dict[Any, list[float]], labels: Any, n: float) -> None:
+    counter = series.get(labels)
+    if counter is None:
+        counter = series[labels] = [0, time.time()]  # the count, the series' creation time
+    counter[0] += n
 
 
 def _observe(series: dict[Any, list[float]], labels: Any, bounds: tuple[float, ...], value: float) -> None:
