@@ -108,21 +108,20 @@ class KeyCache:
         self._rebuild()
 
     async def refresh(self, key_id: str) -> None:
-        key = await self._store.get_key(key_id)
-        if key is None:
-            self._by_id.pop(key_id, None)
-            for changed in self._changed_while_loading:
-                changed.add(key_id)
-            self._rebuild()
-        else:
-            self.apply(key)
+        self._put(key_id, await self._store.get_key(key_id))
 
     def apply(self, key: ApiKey) -> None:
         """A key as this replica's admin API just wrote it: in force before the answer goes out,
         without waiting for the change feed (which tells the other replicas)."""
-        self._by_id[key.id] = key
+        self._put(key.id, key)
+
+    def _put(self, key_id: str, key: ApiKey | None) -> None:
+        if key is None:
+            self._by_id.pop(key_id, None)
+        else:
+            self._by_id[key_id] = key
         for changed in self._changed_while_loading:
-            changed.add(key.id)
+            changed.add(key_id)
         self._rebuild()
 
     def _rebuild(self) -> None:
