@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -299,6 +300,28 @@ async def test_fail_closed_refuses_at_once_and_recovers(make: Make, redis_server
     while admission.mode != "redis" and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert admission.mode == "redis" and metrics.redis_up._value.get() == 1
+    await (await admission.acquire(ticket(max_wait=1))).release()
+
+
+async def test_a_redis_that_stops_answering_fails_requests_within_the_bound(
+        make: Make, redis_server: RedisServer) -> None:
+    # The scripts' client has no socket timeout of its own (see RedisAdmission.__init__): only
+    # `_bounded` stands between a silent Redis and a request that waits forever.
+    admission = await make(probe_interval=0.5)
+    await (await admission.acquire(ticket())).release()
+    redis_server.proc.send_signal(signal.SIGSTOP)  # connected, and never answering
+    try:
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            await asyncio.wait_for(admission.acquire(ticket(max_wait=30)), 10)
+        assert time.monotonic() - started < 4.0  # the 2 s call bound, not the 10 s guard
+        assert admission.mode == "fail_closed"
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 5
+    while admission.mode != "redis" and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert admission.mode == "redis"
     await (await admission.acquire(ticket(max_wait=1))).release()
 
 
