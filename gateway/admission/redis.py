@@ -62,6 +62,7 @@ TIMER_SLACK = 0.01  # wake a little after a window frees, so grants close togeth
 # (one round trip instead of two per request while busy); when quiet it goes on its own.
 RELEASE_GATHER = 0.002
 ADMIT_BATCH = 64  # requests in one acquire.lua call at most
+MIN_REDIS = (7, 0)  # BLMPOP (the listener)
 CALL_TIMEOUT = 2.0  # seconds a script call may take, when the client given sets no socket timeout
 SHUTTING_DOWN = "The gateway is shutting down."
 SCRIPTS = ("acquire", "release", "settle", "move", "leave", "dispatch", "renew")
@@ -153,6 +154,7 @@ class RedisAdmission(Admission):
         self._timer_at = math.inf
         self._blocking: aioredis.Redis | None = None
         self._stopping = False
+        self._version_checked = False
         # The pool refuses past its size ("Too many connections", not an outage): calls queue here.
         self._calls = asyncio.Semaphore(calls)
 
@@ -165,6 +167,9 @@ class RedisAdmission(Admission):
     async def start(self) -> None:
         self._blocking = _own_client(self._redis, LISTEN_BLOCK + 3.0, 2)
         try:
+            if (old := await self._too_old()) is not None:
+                raise RuntimeError(f"The Redis store needs Redis {'.'.join(map(str, MIN_REDIS))} or newer "
+                                   f"(for BLMPOP); {self._redis_url()} runs {old}.")
             for script in self._scripts.values():  # loaded once; EVALSHA from here on
                 script.sha = await self._bounded(self._redis.script_load(script.script))
         except OUTAGE as exc:
@@ -533,6 +538,21 @@ class RedisAdmission(Admission):
                 raise BackendUnavailable("The gateway is overloaded; try again shortly.",
                                          headers={"retry-after": "1"}) from None
 
+    async def _too_old(self) -> str | None:
+        """The server's version if it is older than MIN_REDIS (checked once it has answered)."""
+        if self._version_checked:
+            return None
+        version = str((await self._bounded(self._redis.info("server"))).get("redis_version", ""))
+        parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+        if len(parts) == 2 and parts < MIN_REDIS:
+            return version
+        self._version_checked = True  # (an unreadable version is given the benefit of the doubt)
+        return None
+
+    def _redis_url(self) -> str:
+        kwargs = self._redis.connection_pool.connection_kwargs
+        return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}" if "host" in kwargs else "the Redis"
+
     async def _bounded(self, call: Awaitable[Any]) -> Any:
         """Every call on the scripts' client, which has no socket timeout of its own. Cancelled
         on time out, redis-py drops the connection, so no late reply is read as another's."""
@@ -614,6 +634,10 @@ class RedisAdmission(Admission):
                 await self._drop_idle_connections()  # after an outage they are likely dead
                 try:
                     await self._bounded(self._redis.ping())
+                    if (old := await self._too_old()) is not None:  # down at start: not checked yet
+                        log.error("Redis %s answers, but admission needs Redis %s or newer; it stays %s",
+                                  old, ".".join(map(str, MIN_REDIS)), self.mode)
+                        continue
                 except OUTAGE:
                     continue
                 except Exception as exc:  # noqa: BLE001 - an error reply (BUSY, NOPERM): still not usable

@@ -325,6 +325,52 @@ async def test_a_redis_that_stops_answering_fails_requests_within_the_bound(
     await (await admission.acquire(ticket(max_wait=1))).release()
 
 
+def _pretend_version(admission: RedisAdmission, version: str) -> None:
+    real_info = admission._redis.info
+
+    async def info(section: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        answer = await real_info(section, *args, **kwargs)
+        return {**answer, "redis_version": version} if section == "server" else answer
+
+    admission._redis.info = info  # type: ignore[method-assign]
+
+
+async def test_a_redis_older_than_7_is_refused_at_start(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=2.0)
+    admission = RedisAdmission(client, max_depth=10)
+    _pretend_version(admission, "6.2.14")
+    try:
+        with pytest.raises(RuntimeError, match=r"needs Redis 7\.0 or newer .* runs 6\.2\.14"):
+            await admission.start()
+    finally:
+        await admission.stop()
+        await client.aclose()
+
+
+async def test_a_redis_older_than_7_found_after_an_outage_keeps_the_circuit_open(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    redis_server.kill()
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=2.0)
+    admission = RedisAdmission(client, max_depth=10, probe_interval=0.1)
+    try:
+        await admission.start()  # Redis is away: the version is checked when it answers
+        assert admission.mode == "fail_closed"
+        _pretend_version(admission, "6.2.14")
+        redis_server.start()
+        await asyncio.sleep(1.0)  # several probes
+        assert admission.mode == "fail_closed"
+        assert any("needs Redis 7.0 or newer" in r.getMessage() for r in caplog.records)
+        _pretend_version(admission, "7.2.4")  # upgraded
+        deadline = time.monotonic() + 5
+        while admission.mode != "redis" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert admission.mode == "redis"
+        await (await admission.acquire(ticket(max_wait=1))).release()
+    finally:
+        await admission.stop()
+        await client.aclose()
+
+
 async def test_local_mode_keeps_to_the_replicas_share(make: Make, redis_server: RedisServer) -> None:
     admission = await make(failure_mode="local", replicas=2, probe_interval=0.5)
     backends = (("b1", 4),)
