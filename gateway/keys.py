@@ -11,6 +11,9 @@ from gateway.errors import InvalidRequest, NotFound
 from gateway.store.base import ApiKey, Store, hash_secret, new_key_id, new_secret
 
 PREFIX_CHARS = 12  # "sk-gw-" and six characters of the secret: enough to tell keys apart
+# The times the admin API takes and shows: from the epoch to the last second RFC 3339 can write.
+EARLIEST = 0.0  # 1970-01-01T00:00:00Z
+LATEST = 253402300799.0  # 9999-12-31T23:59:59Z
 
 
 class KeyNotFound(NotFound):
@@ -67,6 +70,10 @@ async def rotate(store: Store, key_id: str, grace_seconds: float) -> tuple[ApiKe
 def iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
+    # Clamped, never refused: a record stored before the admin API bounded its times (an expiry
+    # of 1e20) must still list, and past 9999 reads as "never" just as well. NaN shows as LATEST.
+    if not EARLIEST <= timestamp <= LATEST:
+        timestamp = EARLIEST if timestamp < EARLIEST else LATEST
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 

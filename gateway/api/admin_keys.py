@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
 import re
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from litestar import Request, Response, delete, get, patch, post
 from msgspec import UNSET, Meta, Struct, UnsetType
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway import keys
 from gateway.auth import require_admin
-from gateway.errors import InvalidRequest
+from gateway.errors import BackendUnavailable, InvalidRequest
 from gateway.openai import decode_as, encode
 from gateway.store.base import hour_of
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+
+log = logging.getLogger("gateway.admin")
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 Priority = Annotated[int, Meta(ge=-100, le=100)]
@@ -58,24 +66,46 @@ class KeyRotate(Struct, forbid_unknown_fields=True):
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+# Longer is a typo ("999999999d"), and now + a century stays well inside what keys.iso can show.
+MAX_DURATION = 100 * 365 * 86400
 
 
 def _seconds(value: Duration, field: str) -> float:
+    """Checked before anything is stored: a value no answer can show must never reach the store."""
     if isinstance(value, (int, float)) and value >= 0:
-        return float(value)
-    if isinstance(value, str) and (m := _DURATION.match(value)):
-        return float(m.group(1)) * _UNITS[m.group(2)]
-    raise InvalidRequest(f"Invalid value for '{field}': expected seconds or a duration such as '30d'.", param=field)
+        seconds = _float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise InvalidRequest(f"Invalid value for '{field}': expected seconds or a duration such as '30d'.",
+                             param=field)
+    if not seconds <= MAX_DURATION:  # inf and NaN too
+        raise InvalidRequest(f"Invalid value for '{field}': at most 100 years ({MAX_DURATION} seconds).",
+                             param=field)
+    return seconds
 
 
 def _timestamp(value: When, field: str) -> float:
+    """Checked before anything is stored, like `_seconds`: NaN, infinities and years past 9999 are refused."""
     if isinstance(value, (int, float)):
-        return float(value)
+        timestamp = _float(value)
+    else:
+        try:
+            timestamp = datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except (ValueError, OverflowError):
+            raise InvalidRequest(f"Invalid value for '{field}': expected RFC 3339 time or unix seconds.",
+                                 param=field) from None
+    if not keys.EARLIEST <= timestamp <= keys.LATEST:  # NaN fails every comparison
+        raise InvalidRequest(f"Invalid value for '{field}': between 1970-01-01T00:00:00Z and 9999-12-31T23:59:59Z "
+                             f"(unix seconds {keys.EARLIEST:.0f} to {keys.LATEST:.0f}).", param=field)
+    return timestamp
+
+
+def _float(number: int | float) -> float:
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        raise InvalidRequest(f"Invalid value for '{field}': expected RFC 3339 time or unix seconds.",
-                             param=field) from None
+        return float(number)
+    except OverflowError:  # an integer of hundreds of digits, as JSON allows: out of every bound
+        return math.inf if number > 0 else -math.inf
 
 
 def _expiry(expires_at: Any, expires_in: Any) -> float | None:
@@ -104,7 +134,29 @@ def _gateway(request: Request[Any, Any, Any]) -> Gateway:
     return request.app.state.gateway  # type: ignore[no-any-return]
 
 
+# How redis-py (and the socket under it) fails when Redis is down or does not answer in time.
+STORE_OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
+Handler = Callable[..., Awaitable[Response[Any]]]
+
+
+def _store_outage_is_503(handler: Handler) -> Handler:
+    """A store that is away answers 503 with retry-after, as /v1 does when admission's Redis is
+    away: a client's retry logic knows what to do with that, not with a 500 internal_error."""
+
+    @functools.wraps(handler)  # Litestar reads the handler's parameters through the wrapper
+    async def answer(*args: Any, **kwargs: Any) -> Response[Any]:
+        try:
+            return await handler(*args, **kwargs)
+        except STORE_OUTAGE as exc:
+            log.warning("%s: the key store is unreachable (%s)", handler.__name__, exc)
+            raise BackendUnavailable("The gateway cannot reach its key store; try again shortly.",
+                                     headers={"retry-after": "1"}) from None
+
+    return answer
+
+
 @post("/admin/keys")
+@_store_outage_is_503
 async def create_key(request: Request[Any, Any, Any]) -> Response[Any]:
     gateway = _gateway(request)
     fields = _fields(decode_as(await request.body(), KeyCreate))
@@ -114,6 +166,7 @@ async def create_key(request: Request[Any, Any, Any]) -> Response[Any]:
 
 
 @get("/admin/keys")
+@_store_outage_is_503
 async def list_keys(request: Request[Any, Any, Any]) -> Response[Any]:
     gateway = _gateway(request)
     q = request.query_params
@@ -130,6 +183,7 @@ async def list_keys(request: Request[Any, Any, Any]) -> Response[Any]:
 
 
 @get("/admin/keys/{key_id:str}")
+@_store_outage_is_503
 async def show_key(request: Request[Any, Any, Any], key_id: str) -> Response[Any]:
     gateway = _gateway(request)
     key = await keys.fetch(gateway.store, key_id)
@@ -137,6 +191,7 @@ async def show_key(request: Request[Any, Any, Any], key_id: str) -> Response[Any
 
 
 @patch("/admin/keys/{key_id:str}")
+@_store_outage_is_503
 async def update_key(request: Request[Any, Any, Any], key_id: str) -> Response[Any]:
     gateway = _gateway(request)
     fields = _fields(decode_as(await request.body(), KeyUpdate))
@@ -146,6 +201,7 @@ async def update_key(request: Request[Any, Any, Any], key_id: str) -> Response[A
 
 
 @delete("/admin/keys/{key_id:str}", status_code=200)
+@_store_outage_is_503
 async def revoke_key(request: Request[Any, Any, Any], key_id: str) -> Response[Any]:
     gateway = _gateway(request)
     key = await keys.revoke(gateway.store, key_id)
@@ -154,6 +210,7 @@ async def revoke_key(request: Request[Any, Any, Any], key_id: str) -> Response[A
 
 
 @post("/admin/keys/{key_id:str}/rotate")
+@_store_outage_is_503
 async def rotate_key(request: Request[Any, Any, Any], key_id: str) -> Response[Any]:
     gateway = _gateway(request)
     body = decode_as(await request.body(), KeyRotate)
@@ -166,6 +223,7 @@ _GROUPS = {"key", "model", "hour", "day"}
 
 
 @get("/admin/usage")
+@_store_outage_is_503
 async def usage(request: Request[Any, Any, Any]) -> Response[Any]:
     """Totals per group over [start, end), hour granularity. Defaults: the last 24 hours, by key and model."""
     gateway = _gateway(request)
