@@ -185,13 +185,14 @@ class Adapter:
             if isinstance(inner, dict):
                 message = str(inner.get("message") or inner.get("detail") or f"The backend answered with status {status}.")
                 code = inner.get("code")
-                if isinstance(code, int):
-                    if in_stream and 400 <= code < 600:
+                if type(code) is int and 400 <= code < 600:
+                    # llama.cpp and vLLM put the HTTP status here, not an OpenAI code.
+                    if in_stream:
                         status = code
                     code = None
                 err_type = inner.get("type")
                 return UpstreamError(status, message, type=_normal_type(err_type, status),
-                                     code=code if isinstance(code, str) else None, param=inner.get("param"))
+                                     code=_nullable_string(code), param=_nullable_string(inner.get("param")))
         return UpstreamError(status, f"The backend answered with status {status}.")
 
 
@@ -200,7 +201,17 @@ def _normal_type(value: Any, status: int) -> str | None:
     branch on the OpenAI names, so keep only those and derive the rest from the status."""
     known = {"invalid_request_error", "authentication_error", "permission_error", "not_found_error",
              "rate_limit_error", "server_error"}
-    return value if value in known else None
+    return value if isinstance(value, str) and value in known else None
+
+
+def _nullable_string(value: Any) -> str | None:
+    """`param` and `code` are nullable strings in the OpenAI error; runtimes also send numbers
+    (kept, as text) and objects or lists (dropped: no client could branch on them)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
 
 
 ErrorMapper = Callable[[int | None, bytes], UpstreamError]  # Adapter.error: (status or None in a stream, body)

@@ -302,15 +302,26 @@ def _messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if images:
             native["images"] = images
         if role == "assistant":
-            calls = list(message.get("tool_calls") or [])
-            if isinstance(message.get("function_call"), dict):  # the deprecated single call
-                calls.append({"function": message["function_call"]})
+            calls = message.get("tool_calls")
+            if calls is None:
+                calls = []
+            elif not isinstance(calls, list):
+                raise InvalidRequest("`tool_calls` must be a list of tool calls.", param=f"messages[{i}].tool_calls")
+            function_call = message.get("function_call")  # the deprecated single call
+            if function_call is not None:
+                if not isinstance(function_call, dict):
+                    raise InvalidRequest("`function_call` must be an object.", param=f"messages[{i}].function_call")
+                calls = [*calls, {"function": function_call}]
             native_calls = []
             for j, call in enumerate(calls):
                 function = call.get("function") if isinstance(call, dict) else None
                 if not isinstance(function, dict):
                     raise InvalidRequest("A tool call needs a `function`.", param=f"messages[{i}].tool_calls[{j}]")
-                name = str(function.get("name") or "")
+                name = function.get("name")
+                if name is not None and not isinstance(name, str):
+                    raise InvalidRequest("A tool call's function name must be a string.",
+                                         param=f"messages[{i}].tool_calls[{j}].function.name")
+                name = name or ""
                 arguments = _arguments(function.get("arguments"), f"messages[{i}].tool_calls[{j}].function.arguments")
                 native_calls.append({"function": {"name": name, "arguments": arguments}})
                 if call.get("id"):
@@ -339,12 +350,14 @@ def _content(content: Any, param: str) -> tuple[str, list[str]]:
         return content, []
     texts: list[str] = []
     images: list[str] = []
-    for k, part in enumerate(content):
+    for k, part in enumerate(content):  # a list of objects: the request schema checked that much
         kind = part.get("type")
-        if kind == "text":
-            texts.append(str(part.get("text") or ""))
-        elif kind == "refusal":
-            texts.append(str(part.get("refusal") or ""))
+        if kind in ("text", "refusal"):
+            text = part.get(kind)
+            if text is not None and not isinstance(text, str):
+                raise InvalidRequest(f"A `{kind}` content part's `{kind}` must be a string.",
+                                     param=f"{param}[{k}].{kind}")
+            texts.append(text or "")
         elif kind == "image_url":
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image

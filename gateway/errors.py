@@ -13,6 +13,7 @@
      ├── BackendUnavailable      503 backend_unavailable   (no ready backend, or all failed)
      ├── UpstreamTimeout         504 upstream_timeout
      ├── UpstreamError           any status the runtime gave, normalised to the OpenAI shape
+                                 (429 rate_limit_exceeded unless it named a code; its retry-after kept)
      └── InternalError           500 internal_error        (never with a traceback)
 
 A handler raises one of these; `app.py` renders it once, as `{"error": {...}}`.
@@ -136,7 +137,8 @@ class UpstreamError(GatewayError):
         self.status = status
         self.type = type or _type_for_status(status)
         if code is None:
-            self.code = None
+            # A runtime's 429 seldom names a code; OpenAI clients look for this one.
+            self.code = "rate_limit_exceeded" if status == 429 else None
 
 
 class InternalError(GatewayError):

@@ -105,7 +105,7 @@ def choose(route: Route, *, cooldowns: Cooldowns | None = None, loads: Mapping[s
     """Ready backends, best first; BackendUnavailable when none is ready."""
     ready = [b for b in route.backends if b.ready]
     if not ready:
-        raise BackendUnavailable(_why_unavailable(route.public, route.backends))
+        raise BackendUnavailable(_why_unavailable(route.public, route.backends), headers={"retry-after": "1"})
     if cooldowns is not None:
         # Cooling backends leave the choice while a peer can serve; alone, they are still tried.
         warm = [b for b in ready if not cooldowns.cooling(b.name)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +58,8 @@ class Upstream:
 
     async def send(self, base_url: str, adapter: Adapter, request: UpstreamRequest, *, backend: str,
                    headers: dict[str, str], timeout: float | None = None) -> aiohttp.ClientResponse:
-        """POST the request; a response with an error status is raised as the OpenAI error.
+        """POST the request; a response with an error status is raised as the OpenAI error, with the
+        headers the client needs to know when to come back (`_passed_on`).
 
         Raises BackendUnavailable when nothing was sent (refused, reset before the answer), so
         the caller may try another backend.
@@ -91,7 +92,9 @@ class Upstream:
             finally:
                 resp.release()
             metrics.upstream_errors.labels(backend, "status").inc()
-            raise adapter.error(resp.status, body)
+            error = adapter.error(resp.status, body)
+            error.headers.update(_passed_on(resp.headers))
+            raise error
         return resp
 
     @staticmethod
@@ -106,6 +109,25 @@ class Upstream:
             raise BackendUnavailable(f"The backend closed the connection ({type(exc).__name__}).") from None
         finally:
             resp.release()
+
+
+# When to come back, as the runtime (or a rate-limited service behind it) said: the official
+# SDKs wait that long before they retry, so it must reach the client unchanged.
+RETRY_HEADERS = ("retry-after", "retry-after-ms")
+
+
+def _passed_on(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers of an upstream error the client gets too: its retry-after. (Not a 429's
+    x-ratelimit-*: those tell the gateway's own allowance at the runtime, not the client key's,
+    which the gateway's x-ratelimit-* headers tell.)"""
+    passed: dict[str, str] = {}
+    for name, value in headers.items():
+        name = name.lower()
+        if name in RETRY_HEADERS:
+            # Rendered as latin-1 and written as is: anything else from the runtime stays behind.
+            if len(value) <= 128 and value.isascii() and value.isprintable():
+                passed[name] = value
+    return passed
 
 
 @dataclass

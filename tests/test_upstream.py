@@ -1,17 +1,22 @@
-"""The upstream pool against a server that closes a kept-alive connection under a request, and
-the stream relay against exact runtime bytes, split across reads."""
+"""The upstream pool against a server that closes a kept-alive connection under a request, the
+runtime's error answers (and the headers that go with them to the client), and the stream relay
+against exact runtime bytes, split across reads."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import pytest
 
 from adapters.base import Adapter, UpstreamRequest
 from gateway.errors import BackendUnavailable, UpstreamError
 from gateway.upstream import StreamOutcome, Upstream, relay_stream
+from tests.conftest import StartGateway
 
 REPLY = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n"
          b"connection: keep-alive\r\n\r\n{\"ok\":true}")
@@ -77,6 +82,125 @@ async def test_a_server_that_keeps_dropping_requests_is_unavailable() -> None:
     finally:
         await upstream.close()
         server.close()
+
+
+# --- errors from the runtime -------------------------------------------------------------------
+
+
+async def _error_server(status: int, headers: dict[str, str], body: dict[str, Any]) -> tuple[asyncio.AbstractServer, int]:
+    """Answers every request with one error status, headers and JSON body."""
+    payload = json.dumps(body).encode()
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    reply = (f"HTTP/1.1 {status} Error\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n"
+             f"{head}connection: close\r\n\r\n").encode() + payload
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        await reader.readexactly(length)
+        writer.write(reply)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def _refusal(status: int, headers: dict[str, str], body: dict[str, Any]) -> UpstreamError:
+    server, port = await _error_server(status, headers, body)
+    upstream = Upstream(connect_timeout=2, request_timeout=5)
+    await upstream.open()
+    try:
+        with pytest.raises(UpstreamError) as caught:
+            await _call(upstream, port)
+    finally:
+        await upstream.close()
+        server.close()
+    return caught.value
+
+
+RATE_LIMIT_HEADERS = {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "0",
+                      "x-ratelimit-reset-requests": "6.5s", "X-RateLimit-Remaining-Tokens": "0"}
+
+
+async def test_a_429_keeps_its_wait_and_names_its_code() -> None:
+    err = await _refusal(429, {"Retry-After": "7", "retry-after-ms": "6500", "x-other": "no",
+                               **RATE_LIMIT_HEADERS},
+                         {"error": {"message": "slow down", "type": "rate_limit_error"}})
+    assert (err.status, err.type, err.code) == (429, "rate_limit_error", "rate_limit_exceeded")
+    # The runtime's x-ratelimit-* are about the gateway's allowance there, not the client's key.
+    assert err.headers == {"retry-after": "7", "retry-after-ms": "6500"}
+
+
+async def test_a_503_keeps_its_retry_after_only() -> None:
+    err = await _refusal(503, {"retry-after": "9", **RATE_LIMIT_HEADERS}, {"error": "server busy"})
+    assert (err.status, err.code, err.headers) == (503, None, {"retry-after": "9"})
+
+
+async def test_a_429_that_names_its_own_code_keeps_it() -> None:
+    err = await _refusal(429, {}, {"error": {"message": "quota", "type": "tokens", "code": "insufficient_quota"}})
+    assert (err.status, err.code, err.headers) == (429, "insufficient_quota", {})
+
+
+async def test_a_header_that_could_not_be_written_back_stays_behind() -> None:
+    err = await _refusal(503, {"retry-after": "9" * 200}, {"error": "server busy"})
+    assert err.headers == {}
+
+
+class _RefusingRuntime(BaseHTTPRequestHandler):
+    """An OpenAI-speaking runtime that refuses each model its own way (the audit's upstream)."""
+
+    REFUSALS: dict[str, tuple[int, dict[str, str], dict[str, Any]]] = {
+        "e429": (429, {"retry-after": "7", **RATE_LIMIT_HEADERS},
+                 {"error": {"message": "slow down", "type": "rate_limit_error"}}),
+        "e503": (503, {"retry-after": "9"}, {"error": "server busy"}),
+        "e400weird": (400, {}, {"error": {"message": "weird", "type": "X", "param": 5, "code": 7}}),
+    }
+
+    def do_GET(self) -> None:  # the health probe
+        self._answer(200, {}, {"status": "ok"})
+
+    def do_POST(self) -> None:
+        model = json.loads(self.rfile.read(int(self.headers["content-length"])))["model"]
+        self._answer(*self.REFUSALS[model])
+
+    def _answer(self, status: int, headers: dict[str, str], body: dict[str, Any]) -> None:
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        for name, value in {"content-type": "application/json", "content-length": str(len(payload)), **headers}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_the_client_gets_the_runtimes_wait_and_error_fields_through_the_gateway(start_gateway: StartGateway) -> None:
+    runtime = ThreadingHTTPServer(("127.0.0.1", 0), _RefusingRuntime)
+    threading.Thread(target=runtime.serve_forever, daemon=True).start()
+    try:
+        gateway = start_gateway({"backends": [
+            {"name": f"refusing-{model}", "runtime": "openai", "url": f"http://127.0.0.1:{runtime.server_port}",
+             "serves": [model]} for model in _RefusingRuntime.REFUSALS]})
+        with gateway.http(gateway.new_key()) as client:
+            def ask(model: str) -> httpx.Response:
+                return client.post("/v1/chat/completions", json={"model": model,
+                                                                 "messages": [{"role": "user", "content": "hi"}]})
+
+            r = ask("e429")
+            assert (r.status_code, r.headers.get("retry-after")) == (429, "7")
+            assert r.json()["error"]["code"] == "rate_limit_exceeded"
+            assert "x-ratelimit-remaining-requests" not in r.headers  # the runtime's, not the key's
+            r = ask("e503")
+            assert (r.status_code, r.headers.get("retry-after")) == (503, "9")
+            r = ask("e400weird")
+            assert r.status_code == 400
+            assert (r.json()["error"]["param"], r.json()["error"]["code"]) == ("5", "7")
+    finally:
+        runtime.shutdown()
+        runtime.server_close()
 
 
 # --- the stream relay --------------------------------------------------------------------------

@@ -316,11 +316,12 @@ class Supervisor:
                 if not any(self._coming(b) for b in backends):
                     startable = [b for b in backends if b.startable]
                     if not startable:
-                        raise BackendUnavailable(_why(model, backends, "is ready"))
+                        raise BackendUnavailable(_why(model, backends, "is ready"), headers={"retry-after": "1"})
                     self._bring_up(self._pick(startable))
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise BackendUnavailable(_why(model, backends, f"became ready within {timeout:g}s"))
+                    raise BackendUnavailable(_why(model, backends, f"became ready within {timeout:g}s"),
+                                             headers={"retry-after": "1"})
                 await self._wait_change(min(remaining, 0.5))
         finally:
             self._waiting.subtract(b.name for b in backends)

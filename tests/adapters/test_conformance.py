@@ -312,6 +312,14 @@ def test_n_follows_the_table(http: httpx.Client, rt: Runtime) -> None:
         assert [c["index"] for c in r.json()["choices"]] == [0, 1]
 
 
+@pytest.mark.parametrize("calls", [5, True])
+def test_ollama_refuses_tool_calls_that_are_not_a_list_naming_them(http: httpx.Client, calls: object) -> None:
+    r = http.post("/v1/chat/completions", json={"model": "chat-ollama",
+                                                "messages": [{"role": "assistant", "tool_calls": calls}, *MESSAGES]})
+    error = error_of(r, 400)
+    assert error["param"] == "messages[0].tool_calls" and error["type"] == "invalid_request_error"
+
+
 UPSTREAM_400 = {
     # What each runtime itself refuses, through the same gateway: the error has one shape.
     "llamacpp": {"messages": [{"role": "user", "content": "word " * 3000}]},  # past the 1024-token context

@@ -116,6 +116,45 @@ def test_bad_tool_arguments_are_a_400(adapter: OllamaAdapter) -> None:
     assert info.value.param == "messages[0].tool_calls[0].function.arguments"
 
 
+@pytest.mark.parametrize(("assistant", "param"), [
+    ({"tool_calls": 5}, "messages[0].tool_calls"),
+    ({"tool_calls": True}, "messages[0].tool_calls"),
+    ({"tool_calls": "call_1"}, "messages[0].tool_calls"),  # not a list of its characters
+    ({"tool_calls": {"id": "c", "function": {"name": "f", "arguments": "{}"}}}, "messages[0].tool_calls"),
+    ({"function_call": "f"}, "messages[0].function_call"),  # not silently dropped
+    ({"tool_calls": [{"id": "c", "function": {"name": {"n": "f"}, "arguments": "{}"}}]},
+     "messages[0].tool_calls[0].function.name"),
+])
+def test_tool_calls_of_the_wrong_shape_are_a_400_naming_the_field(adapter: OllamaAdapter, assistant: dict,
+                                                                   param: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        chat(adapter, messages=[{"role": "assistant", **assistant}, {"role": "user", "content": "hi"}])
+    assert info.value.param == param
+
+
+def test_the_deprecated_function_call_joins_the_tool_calls(adapter: OllamaAdapter) -> None:
+    body = chat(adapter, messages=[{"role": "assistant", "tool_calls": None,
+                                    "function_call": {"name": "f", "arguments": '{"x": 1}'}}])
+    assert body["messages"][0]["tool_calls"] == [{"function": {"name": "f", "arguments": {"x": 1}}}]
+
+
+@pytest.mark.parametrize(("part", "param"), [
+    ({"type": "text", "text": ["a"]}, "messages[0].content[0].text"),
+    ({"type": "text", "text": {"t": "a"}}, "messages[0].content[0].text"),
+    ({"type": "refusal", "refusal": 5}, "messages[0].content[0].refusal"),
+])
+def test_a_text_part_that_is_not_text_is_a_400_naming_it(adapter: OllamaAdapter, part: dict, param: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        chat(adapter, messages=[{"role": "user", "content": [part]}])
+    assert info.value.param == param
+
+
+def test_refusal_parts_are_text_and_a_part_without_text_is_empty(adapter: OllamaAdapter) -> None:
+    body = chat(adapter, messages=[{"role": "assistant", "content": [{"type": "refusal", "refusal": "no"},
+                                                                     {"type": "text", "text": None}]}])
+    assert body["messages"][0]["content"] == "no\n"
+
+
 def test_images_become_raw_base64(adapter: OllamaAdapter) -> None:
     png = base64.b64encode(b"\x89PNG fake").decode()
     body = chat(adapter, messages=[{"role": "user", "content": [

@@ -32,6 +32,7 @@ def test_failed_and_unreachable_backends_give_503(start_gateway: StartGateway) -
         r = httpx.post(gateway.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
                        json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 503, r.text
+        assert r.headers.get("retry-after") == "1"  # an SDK retries after it, not at once
         error = r.json()["error"]
         assert error["code"] == "backend_unavailable" and error["type"] == "server_error"
         assert f"`{model}`" in error["message"]
