@@ -33,7 +33,7 @@ def call_id() -> str:
 
 
 def usage(prompt_tokens: Any, completion_tokens: Any) -> dict[str, int]:
-    prompt, completion = _int(prompt_tokens), _int(completion_tokens)
+    prompt, completion = token_count(prompt_tokens), token_count(completion_tokens)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -43,8 +43,15 @@ def clean_usage(raw: Any) -> dict[str, int] | None:
     return usage(raw.get("prompt_tokens"), raw.get("completion_tokens"))
 
 
-def _int(value: Any) -> int:
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+MAX_COUNTED = 2**31 - 1  # no request's token count is larger; what is, is garbage
+
+
+def token_count(value: Any) -> int:
+    """A runtime's token count as a count: anything but a number from 0 to MAX_COUNTED is 0.
+    These go into usage totals and the limiter, where one "ten" or 1e30 must not break either."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_COUNTED:
+        return 0  # (a NaN fails the comparison too)
+    return int(value)
 
 
 def _reasoning(source: dict[str, Any]) -> Any:
@@ -160,7 +167,7 @@ def split_finish(endpoint: str, data: dict[str, Any]) -> list[dict[str, Any]]:
 def embeddings(data: dict[str, Any]) -> dict[str, Any]:
     items = data.get("data") if isinstance(data.get("data"), list) else []
     raw_usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-    prompt = _int(raw_usage.get("prompt_tokens"))
+    prompt = token_count(raw_usage.get("prompt_tokens"))
     return {
         "object": "list",
         "data": [{"object": "embedding", "index": item.get("index", i), "embedding": item.get("embedding")}

@@ -1,8 +1,8 @@
 """The public wire format: request validation, SSE framing and the shapes the gateway writes.
 
 A request body is decoded once, here, into a plain dict (so parameters the gateway does not know
-still reach the runtime) and its known fields are type-checked against the structs below, so a
-wrong type is a 400 that names the field.
+still reach the runtime) and its known fields are type-checked strictly against the structs
+below, so a wrong type is a 400 that names the field.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class ResponseFormat(Struct):
 
 
 Stop = str | Annotated[list[str], Meta(max_length=4)] | None
-PositiveInt = Annotated[int, Meta(ge=1)]
+# Token counts: beyond int32 no runtime takes them, and the limiter's arithmetic stays sane.
+PositiveInt = Annotated[int, Meta(ge=1, le=2**31 - 1)]
 Penalty = Annotated[float, Meta(ge=-2, le=2)]
 
 
@@ -111,13 +112,18 @@ def decode_request(endpoint: Endpoint, body: bytes) -> dict[str, Any]:
         data = _decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
+    except RecursionError:
+        raise InvalidRequest(NESTED) from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     for field in _REQUIRED[endpoint]:
         if field not in data:
             raise InvalidRequest(f"Missing required parameter: '{field}'.", param=field)
+    # Strict, as OpenAI is ("5" is not an integer, "false" not a boolean): the dict goes on to
+    # the runtime and into the limiter's estimate as it came, so what passes here must be what
+    # the schema says, not something a conversion would have made of it.
     try:
-        msgspec.convert(data, _SCHEMAS[endpoint], strict=False)
+        msgspec.convert(data, _SCHEMAS[endpoint])
     except msgspec.ValidationError as exc:
         raise _invalid(str(exc)) from None
     return data
@@ -134,8 +140,11 @@ def decode_as(body: bytes, schema: type[T]) -> T:
         raise _invalid(str(exc)) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
+    except RecursionError:
+        raise InvalidRequest(NESTED) from None
 
 
+NESTED = "The request body is nested too deeply."
 _FIELD = re.compile(r"^Object (?:contains unknown|missing required) field `([^`]*)`")
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from litestar import Request, Response, asgi, get
 from litestar.types import Receive, Scope, Send
 
+from adapters.shapes import token_count
 from gateway import metrics
 from gateway.admission import Lease, Limits, Slot, Ticket
 from gateway.auth import Principal
@@ -82,7 +83,7 @@ class Exchange:
                 given = value.decode("latin-1")
             elif name == affinity_header:
                 self.affinity = value.decode("latin-1")
-        self.request_id = given if given and _REQUEST_ID.match(given) else f"{_ID_PREFIX}{next(_ids):x}"
+        self.request_id = request_id(given)
 
     async def body(self, limit: int) -> bytes:
         """The whole body, refused (413) from Content-Length alone or as soon as the bytes read pass
@@ -117,6 +118,43 @@ class Exchange:
 TOO_LARGE = "The request body is larger than this gateway accepts (server.max_body)."
 
 
+# A disconnect is only seen by a task waiting in receive(), which costs 5 % of a fast request's
+# CPU (bench/count.py); answers that come sooner than this never start one. One that does start
+# sees a client that left earlier at once (uvicorn keeps the disconnect for the next receive).
+DEPARTURE_WATCH_AFTER = 0.1
+
+
+class Departure:
+    """Until disarmed, a client that leaves cancels the request's task: one that gives up waiting
+    for the runtime's answer frees its slot at once, and closing the upstream request stops the
+    generation nobody will read. (Streams being written have their own watch, in `_relay`.)"""
+
+    __slots__ = ("exchange", "task", "watch", "timer", "left")
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.task = asyncio.current_task()
+        self.left = False
+        self.watch: asyncio.Future[None] | None = None
+        self.timer = asyncio.get_running_loop().call_later(DEPARTURE_WATCH_AFTER, self._start_watching)
+
+    def _start_watching(self) -> None:
+        if self.task is not None:
+            self.watch = asyncio.ensure_future(self.exchange.disconnected())
+            self.watch.add_done_callback(self._on_disconnect)
+
+    def _on_disconnect(self, watch: asyncio.Future[None]) -> None:
+        if self.task is not None and not watch.cancelled():
+            self.left = True
+            self.task.cancel()
+
+    def disarm(self) -> None:
+        self.task = None
+        self.timer.cancel()
+        if self.watch is not None:
+            self.watch.cancel()
+
+
 async def serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
     if scope["method"] != "POST":
         if scope["method"] == "OPTIONS":  # as Litestar answers it for its own routes
@@ -143,7 +181,7 @@ async def serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) 
             # for one on its way; BackendUnavailable when none can be ready within the queue's wait.
             await gateway.supervisor.ensure_ready(route.backends, gateway.config.queue.max_wait, model=route.public)
         backends = choose(route, cooldowns=gateway.cooldowns, loads=gateway.loads.loads, affinity=exchange.affinity)
-        lease = await gateway.admission.acquire(_ticket(gateway, principal, route, backends, body, raw),
+        lease = await gateway.admission.acquire(_ticket(gateway, principal, route, backends, endpoint, body, raw),
                                                 disconnected=exchange.disconnected)
         call.lease = lease
         timeout = override.request_timeout if override is not None else None
@@ -167,38 +205,51 @@ async def _forward(gateway: Gateway, exchange: Exchange, call: Call, lease: Leas
     backend = by_name[lease.backend]
     streaming = bool(body.get("stream")) and endpoint != "embeddings"
     tried: list[str] = []
-    while True:
-        if not backend.ready:
-            # Stopped or draining (idle stop, group swap) while this request waited for admission:
-            # bring it back rather than send to a port nobody listens on. Nothing awaits between
-            # here and call.attempt(), so the request is in flight before any drain looks again.
-            await gateway.supervisor.ensure_ready([backend], gateway.config.queue.max_wait, model=route.public)
-        upstream_request = backend.adapter.request(endpoint, body, route.served)
-        call.attempt(backend)
-        try:
-            resp = await gateway.upstream.send(backend.url, backend.adapter, upstream_request, backend=backend.name,
-                                               headers=_upstream_headers(backend, call.request_id), timeout=timeout)
-            if streaming:
-                outcome = StreamOutcome()
-                chunks = relay_stream(resp, backend.adapter, endpoint, public_model=route.public,
-                                      include_usage=wants_usage(body), backend=backend.name, outcome=outcome)
-                # The first piece is read here, so a backend that fails before it is still retried.
-                first = await anext(chunks)
-            else:
-                data = backend.adapter.response(endpoint, await gateway.upstream.read(resp, backend.name), body)
-            gateway.cooldowns.succeeded(backend.name)
-            break
-        except GatewayError as exc:
-            if not _retryable(exc):
-                raise
-            # Nothing reached the client yet: another backend of the group may take it.
-            call.attempt_failed()
-            gateway.cooldowns.failed(backend.name)
-            tried.append(backend.name)
-            others = [b for b in backends if b.name not in tried and b.ready]
-            if not others or len(tried) >= gateway.config.routing.max_attempts:
-                raise
-            backend = by_name[await lease.move([Slot(b.name, b.config.slots) for b in others])]
+    departure = Departure(exchange)
+    try:
+        while True:
+            if not backend.ready:
+                # Stopped or draining (idle stop, group swap) while this request waited for
+                # admission: bring it back rather than send to a port nobody listens on. Nothing
+                # awaits between here and call.attempt(), so the request is in flight before any
+                # drain looks again.
+                await gateway.supervisor.ensure_ready([backend], gateway.config.queue.max_wait,
+                                                      model=route.public)
+            upstream_request = backend.adapter.request(endpoint, body, route.served)
+            call.attempt(backend)
+            try:
+                resp = await gateway.upstream.send(backend.url, backend.adapter, upstream_request,
+                                                   backend=backend.name, timeout=timeout,
+                                                   headers=_upstream_headers(backend, call.request_id))
+                if streaming:
+                    outcome = StreamOutcome()
+                    chunks = relay_stream(resp, backend.adapter, endpoint, public_model=route.public,
+                                          include_usage=wants_usage(body), backend=backend.name, outcome=outcome)
+                    # The first piece is read here, so a backend that fails before it is still retried.
+                    first = await anext(chunks)
+                else:
+                    answer = await gateway.upstream.read(resp, backend.name)
+                    data = backend.adapter.response(endpoint, answer, body)
+                gateway.cooldowns.succeeded(backend.name)
+                break
+            except GatewayError as exc:
+                if not _retryable(exc):
+                    raise
+                # Nothing reached the client yet: another backend of the group may take it.
+                call.attempt_failed()
+                gateway.cooldowns.failed(backend.name)
+                tried.append(backend.name)
+                others = [b for b in backends if b.name not in tried and b.ready]
+                if not others or len(tried) >= gateway.config.routing.max_attempts:
+                    raise
+                backend = by_name[await lease.move([Slot(b.name, b.config.slots) for b in others])]
+    except asyncio.CancelledError:
+        if not departure.left:
+            raise
+        asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        raise ClientClosedRequest("The client disconnected before the answer came.") from None
+    finally:
+        departure.disarm()
 
     headers = [(b"x-request-id", call.request_id.encode()),
                *((name.encode(), value.encode()) for name, value in lease.usage.headers().items())]
@@ -271,7 +322,7 @@ async def _relay(exchange: Exchange, writer: Writer, call: Call, headers: list[t
                 gap = (time.perf_counter() - outcome.first_chunk_at) / (outcome.chunks - 1)
                 metrics.REQUESTS.token_gap(model, gap)
         error = STALLED if writer.stalled else (outcome.error.message if outcome.error else None)
-        await call.finish(status, outcome.usage, error=error)
+        await call.finish(status, outcome.usage, error=error, produced=outcome.chunks)
 
 
 def _retryable(exc: GatewayError) -> bool:
@@ -325,10 +376,22 @@ class Call:
         backend.inflight -= 1
         metrics.REQUESTS.attempt_ended(backend.name)
 
-    async def finish(self, status: int, usage: dict[str, Any] | None, error: str | None = None) -> None:
+    async def finish(self, status: int, usage: Any, error: str | None = None, produced: int = 0) -> None:
+        """`usage` as the runtime reported it (None: it did not); `produced`: the chunks the client
+        got from a stream that ended without usage."""
         if self.finished:
             return
         self.finished = True
+        tokens: int | None = None  # if the accounting fails (a bug), the estimate stands
+        try:
+            tokens = self._account(status, usage, error, produced)
+        finally:
+            if self.lease is not None:  # whatever happened above: a slot is never kept
+                await self.lease.release(tokens)
+
+    def _account(self, status: int, usage: Any, error: str | None, produced: int) -> int | None:
+        """Metrics, the key's usage and the log line; returns the tokens the limiter settles (None:
+        its estimate stands)."""
         model, route = self.model, self.route
         assert route is not None
         backend_name = self.backend.name if self.backend else "none"
@@ -337,8 +400,12 @@ class Call:
         status_class = metrics.status_class(status)
         metrics.REQUESTS.answered(model, backend_name, self.endpoint, status_class)
         metrics.REQUESTS.duration(model, self.endpoint, time.perf_counter() - self.started)
-        prompt = int(usage.get("prompt_tokens") or 0) if usage else 0
-        completion = int(usage.get("completion_tokens") or 0) if usage else 0
+        if not isinstance(usage, dict):
+            usage = None
+        prompt = token_count(usage.get("prompt_tokens")) if usage else 0
+        # A stream cut off before its usage (the client left near the end) still generated:
+        # about one token per chunk, counted so the key's usage is not zero.
+        completion = token_count(usage.get("completion_tokens")) if usage else produced
         if usage:
             metrics.REQUESTS.tokens(model, prompt, completion)
         self.gateway.usage.add(self.key_id, route.served, prompt_tokens=prompt, completion_tokens=completion,
@@ -354,22 +421,24 @@ class Call:
             metrics.key_requests.labels(self.key_id, model, status_class).inc()
             metrics.key_tokens.labels(self.key_id, "prompt").inc(prompt)
             metrics.key_tokens.labels(self.key_id, "completion").inc(completion)
-        if self.lease is not None:
-            # The real tokens replace the estimate; a failure generated nothing, so its
-            # reservation comes back whole.
-            tokens = prompt + completion if usage else (0 if status >= 400 else None)
-            await self.lease.release(tokens)
+        # The real tokens replace the estimate. A failure that generated nothing gets its
+        # reservation back whole; one that did (a stream the client left) keeps the estimate,
+        # or leaving just before the usage chunk would make every answer free.
+        if usage:
+            return prompt + completion
+        return 0 if status >= 400 and not produced else None
 
 
-def _ticket(gateway: Gateway, principal: Principal, route: Route, backends: Sequence[Backend],
+def _ticket(gateway: Gateway, principal: Principal, route: Route, backends: Sequence[Backend], endpoint: Endpoint,
             body: dict[str, Any], raw: bytes) -> Ticket:
-    # A cheap, conservative estimate: ~4 bytes of JSON per prompt token, plus the completion budget.
-    completion = body.get("max_completion_tokens") or body.get("max_tokens")
-    if "input" in body:  # embeddings generate nothing
-        completion = 0
-    elif not completion:
-        completion = gateway.config.limits.default_completion_tokens
-    cost = len(raw) // 4 + int(completion) * int(body.get("n") or 1)
+    # A cheap, conservative estimate: ~4 bytes of JSON per prompt token, plus the completion
+    # budget. Only fields decode_request checked for this endpoint count: anything else in the
+    # body goes to the runtime untouched, and must not shrink the reservation.
+    completion = 0  # embeddings generate nothing
+    if endpoint != "embeddings":
+        budget = (body.get("max_completion_tokens") if endpoint == "chat" else None) or body.get("max_tokens")
+        completion = (budget or gateway.config.limits.default_completion_tokens) * (body.get("n") or 1)
+    cost = len(raw) // 4 + completion
     return Ticket(
         key_id=principal.key_id,
         limits=Limits(principal.rpm, principal.tpm, principal.max_concurrency, principal.priority),
@@ -383,6 +452,11 @@ def _ticket(gateway: Gateway, principal: Principal, route: Route, backends: Sequ
 # Random per process, then a counter: unique across replicas without a system call per request.
 _ID_PREFIX = "req_" + secrets.token_hex(6)
 _ids = itertools.count(1)
+
+
+def request_id(given: str | None) -> str:
+    """The client's x-request-id if it is a sane one (it goes into logs and headers), else a new one."""
+    return given if given and _REQUEST_ID.match(given) else f"{_ID_PREFIX}{next(_ids):x}"
 
 
 def _upstream_headers(backend: Backend, request_id: str) -> dict[str, str]:

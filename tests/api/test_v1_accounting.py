@@ -1,0 +1,199 @@
+"""What a client can do to a request's accounting through the OpenAI endpoints: whatever it sends
+or leaves, and whatever the runtime reports, the slot comes back, the limiter's reservation is
+honest and the key's usage stays countable (gateway/api/v1.py, gateway/openai.py)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import StartGateway
+from tests.helpers import GatewayProcess
+
+CHAT = [{"role": "user", "content": "hi"}]
+GARBAGE_USAGE = {"prompt_tokens": "ten", "completion_tokens": [1], "total_tokens": None}
+HUGE_USAGE = {"prompt_tokens": 2**70, "completion_tokens": 1e300, "total_tokens": 2**71}
+
+
+class _Runtime(BaseHTTPRequestHandler):
+    """An OpenAI-speaking runtime whose model name says how it answers."""
+
+    protocol_version = "HTTP/1.1"
+    left: list[str] = []  # models whose client connection closed before the answer was written
+
+    def do_GET(self) -> None:  # the health probe
+        self._json({"status": "ok"})
+
+    def do_POST(self) -> None:
+        request = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        model = request["model"]
+        if model == "slow":
+            time.sleep(3)
+        usage = {"garbage": GARBAGE_USAGE, "huge": HUGE_USAGE}.get(model, {"prompt_tokens": 3, "completion_tokens": 2,
+                                                                             "total_tokens": 5})
+        if request.get("stream"):
+            self._stream(model, 40)
+            return
+        if self.path.endswith("/embeddings"):
+            self._json({"object": "list", "model": model, "data": [{"object": "embedding", "index": 0,
+                                                                   "embedding": [0.1]}],
+                        "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+            return
+        self._json({"id": "c1", "object": "chat.completion", "created": 1, "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                                 "finish_reason": "stop"}], "usage": usage})
+
+    def _stream(self, model: str, chunks: int) -> None:
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("connection", "close")
+        self.end_headers()
+        try:
+            for i in range(chunks):
+                chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": model,
+                         "choices": [{"index": 0, "delta": {"content": "tok "}, "finish_reason": None}]}
+                self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                self.wfile.flush()
+                time.sleep(0.05)
+            self.wfile.write(b"data: [DONE]\n\n")
+        except OSError:
+            _Runtime.left.append(model)
+
+    def _json(self, body: dict[str, Any]) -> None:
+        payload = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        try:
+            self.wfile.write(payload)
+        except OSError:
+            _Runtime.left.append(json.loads(payload).get("model", "?"))
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def gateway(start_gateway: StartGateway) -> Iterator[GatewayProcess]:
+    runtime = ThreadingHTTPServer(("127.0.0.1", 0), _Runtime)
+    threading.Thread(target=runtime.serve_forever, daemon=True).start()
+    try:
+        # One slot: a request that kept its slot would hold up the next one.
+        yield start_gateway({
+            "backends": [{"name": "one-slot", "runtime": "openai", "url": f"http://127.0.0.1:{runtime.server_port}",
+                          "serves": ["fast", "slow", "garbage", "huge", "streaming"], "slots": 1}],
+            "queue": {"max_wait": "1s"}, "limits": {"default_completion_tokens": 500}})
+    finally:
+        runtime.shutdown()
+        runtime.server_close()
+
+
+def _usage_of(gateway: GatewayProcess, key_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 10  # usage is flushed to the store about once a second
+    while True:
+        rows = gateway.admin("GET", "/admin/usage", params={"group_by": "key"}).json()["data"]
+        row = next((u for u in rows if u["key"] == key_id), None)
+        if row is not None or time.monotonic() > deadline:
+            return row or {}
+        time.sleep(0.2)
+
+
+def test_usage_a_runtime_reports_wrongly_keeps_no_slot_and_breaks_no_count(gateway: GatewayProcess) -> None:
+    created = gateway.admin("POST", "/admin/keys", json={"name": "counts", "tpm": 100_000}).json()
+    with gateway.http(created["key"]) as client:
+        for model in ("garbage", "huge", "garbage", "huge", "fast"):
+            r = client.post("/v1/chat/completions", json={"model": model, "messages": CHAT})
+            assert r.status_code == 200, (model, r.text)
+    time.sleep(1.5)  # a usage flush that failed would have stopped every later one
+    with gateway.http(created["key"]) as client:
+        assert client.post("/v1/chat/completions", json={"model": "fast", "messages": CHAT}).status_code == 200
+    deadline = time.monotonic() + 10
+    while (usage := _usage_of(gateway, created["id"])).get("requests") != 6:
+        assert time.monotonic() < deadline, usage
+        time.sleep(0.2)
+    # What could not be a count is counted as nothing; the two good answers count exactly.
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (6, 4)
+    assert "usage flush failed" not in gateway.log()
+
+
+def test_a_client_that_leaves_before_the_answer_frees_its_slot_at_once(gateway: GatewayProcess) -> None:
+    key = gateway.new_key()
+    with gateway.http(key) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            client.post("/v1/chat/completions", json={"model": "slow", "messages": CHAT}, timeout=0.5)
+        started = time.monotonic()
+        # The slow answer takes 3 s; the queue waits 1 s at most: only a freed slot lets this in.
+        r = client.post("/v1/chat/completions", json={"model": "fast", "messages": CHAT})
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - started < 1.0
+    deadline = time.monotonic() + 5
+    while "slow" not in _Runtime.left:  # the runtime saw the request closed: it stops generating
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_leaving_a_stream_before_its_usage_does_not_make_it_free(gateway: GatewayProcess) -> None:
+    created = gateway.admin("POST", "/admin/keys", json={"name": "leaver", "tpm": 10_000}).json()
+    with gateway.http(created["key"]) as client:
+        with client.stream("POST", "/v1/chat/completions", json={
+                "model": "streaming", "messages": CHAT, "stream": True, "max_tokens": 2000}) as r:
+            assert r.status_code == 200
+            for n, _ in enumerate(r.iter_lines()):
+                if n >= 10:
+                    break  # and the connection closes: the client left, no usage chunk came
+        time.sleep(1.0)  # the gateway notices, releases the slot and settles
+        r = client.post("/v1/chat/completions", json={"model": "fast", "messages": CHAT, "max_tokens": 10})
+        assert r.status_code == 200, r.text
+    # The stream's reservation (2,000 tokens and its prompt) stands: a refund would leave ~9,990.
+    assert int(r.headers["x-ratelimit-remaining-tokens"]) < 10_000 - 2_000
+    usage = _usage_of(gateway, created["id"])
+    assert usage["completion_tokens"] >= 4  # the chunks it got, about a token each, plus the answer's 2
+
+
+def test_the_reservation_counts_only_fields_checked_for_the_endpoint(gateway: GatewayProcess) -> None:
+    key = gateway.admin("POST", "/admin/keys", json={"name": "budget", "tpm": 2_000}).json()["key"]
+    with gateway.http(key) as client:
+        # /v1/completions has no max_completion_tokens: the runtime gets it, the estimate ignores it.
+        r = client.post("/v1/completions", json={"model": "fast", "prompt": "hi",
+                                                 "max_completion_tokens": -1_000_000_000})
+        assert r.status_code == 200, r.text
+        assert 0 <= int(r.headers["x-ratelimit-remaining-tokens"]) <= 2_000 - 500
+        # A chat body with an `input` field is still a chat: its budget is reserved.
+        r = client.post("/v1/chat/completions", json={"model": "fast", "messages": CHAT, "input": "x"})
+        assert r.status_code == 200, r.text
+        assert int(r.headers["x-ratelimit-remaining-tokens"]) <= 2_000 - 500  # (the first settled at 5)
+        # Embeddings generate nothing, whatever `n` says.
+        r = client.post("/v1/embeddings", json={"model": "fast", "input": "hi", "n": "abc"})
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"max_tokens": "5"}, "max_tokens"),
+    ({"max_tokens": 5.0}, "max_tokens"),
+    ({"max_completion_tokens": "7.0"}, "max_completion_tokens"),
+    ({"max_tokens": 2**40}, "max_tokens"),
+    ({"stream": "false"}, "stream"),
+    ({"temperature": "0.5"}, "temperature"),
+])
+def test_a_wrong_type_is_a_400_naming_the_field_not_a_conversion(gateway: GatewayProcess, body: dict[str, Any],
+                                                                  param: str) -> None:
+    with gateway.http(gateway.new_key()) as client:
+        r = client.post("/v1/chat/completions", json={"model": "fast", "messages": CHAT, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_a_body_nested_too_deeply_is_a_400(gateway: GatewayProcess) -> None:
+    nested = '{"model": "fast", "messages": [{"role": "user", "content": "hi"}], "x": ' + "[" * 3000 + "]" * 3000 + "}"
+    with gateway.http(gateway.new_key()) as client:
+        r = client.post("/v1/chat/completions", content=nested, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "nested too deeply" in r.json()["error"]["message"]
