@@ -175,11 +175,12 @@ def _render(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
                     headers=error.headers)
 
 
-def _rendered(exc: Exception, method: str, path: str) -> GatewayError:
+def _rendered(exc: Exception, method: str, path: str, request_id: str | None = None) -> GatewayError:
     """The OpenAI error a failure is answered with, counted and (if a bug) logged once."""
     error = _as_gateway_error(exc)
     if isinstance(error, InternalError):
-        log.exception("unhandled error on %s %s", method, path, exc_info=exc)
+        log.exception("unhandled error on %s %s", method, path, exc_info=exc,
+                      extra={"request_id": request_id} if request_id else None)
     if (reason := _REJECTIONS.get(error.status)) and path.startswith("/v1/") and not isinstance(error, UpstreamError):
         metrics.rejected.labels(reason).inc()
     return error
@@ -200,13 +201,19 @@ class FrontDoor:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         endpoint = self._hot.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if endpoint is None:
+            if scope["type"] == "http":
+                send = _with_request_id(scope, send)
             await self.app(scope, receive, send)
             return
         scope["app"] = self.app
         try:
             await v1.serve(scope, receive, send, endpoint)
         except Exception as exc:
-            error = _rendered(exc, "POST", scope["path"])
+            # `serve` gives its GatewayErrors their x-request-id; a bug's 500 gets one here.
+            request_id = exc.headers.get("x-request-id") if isinstance(exc, GatewayError) else None
+            request_id = request_id or _request_id(scope)
+            error = _rendered(exc, "POST", scope["path"], request_id)
+            error.headers.setdefault("x-request-id", request_id)
             headers = [(b"content-type", b"application/json"),
                        *((name.encode("latin-1"), value.encode("latin-1")) for name, value in error.headers.items())]
             body = error.encode()
@@ -218,14 +225,35 @@ class FrontDoor:
             await send({"type": "http.response.body", "body": body})
 
 
+def _with_request_id(scope: Any, send: Any) -> Any:
+    """`send`, adding x-request-id to a response that has none. Only Litestar's routes go through
+    it: the OpenAI POSTs set their own, and their hot path pays for nothing here."""
+
+    async def send_with_request_id(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            headers = message.get("headers", [])
+            if not any(name.lower() == b"x-request-id" for name, _ in headers):
+                request_id = _request_id(scope).encode()
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id)]}
+        await send(message)
+
+    return send_with_request_id
+
+
+def _request_id(scope: Any) -> str:
+    """The client's x-request-id if valid, else a new one, as the OpenAI handlers choose it."""
+    given = next((value for name, value in scope["headers"] if name == b"x-request-id"), None)
+    return v1.request_id(given.decode("latin-1") if given is not None else None)
+
+
 def _as_gateway_error(exc: Exception) -> GatewayError:
     if isinstance(exc, GatewayError):
         return exc
     if isinstance(exc, HTTPException):
         if exc.status_code == 404:
             return NotFound("Unknown path. The API lives under /v1 (for example /v1/chat/completions).")
-        if exc.status_code == 405:
-            return MethodNotAllowed("This path does not accept that HTTP method.")
+        if exc.status_code == 405:  # keeps the Allow header Litestar's router sets
+            return MethodNotAllowed("This path does not accept that HTTP method.", headers=dict(exc.headers or {}))
         if exc.status_code == 413:
             return BodyTooLarge("The request body is larger than this gateway accepts (server.max_body).")
         if 400 <= exc.status_code < 500:

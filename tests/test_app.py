@@ -1,17 +1,24 @@
-"""The front door: OpenAI POSTs straight to their handler, everything else to Litestar, and the
-handler's failures answered exactly as Litestar's exception handler answers them."""
+"""The front door: OpenAI POSTs straight to their handler, everything else to Litestar, the
+handler's failures answered exactly as Litestar's exception handler answers them, and every
+answer with an x-request-id."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
+import httpx
 import pytest
 
 from gateway import app as app_module
 from gateway.app import FrontDoor
 from gateway.errors import ModelNotFound, RateLimited
+from tests.conftest import StartGateway
+from tests.helpers import ADMIN_KEY, free_port
+
+GENERATED = re.compile(r"^req_[0-9a-f]{12}[0-9a-f]+$")
 
 
 class Inner:
@@ -24,7 +31,7 @@ class Inner:
         self.calls.append((scope.get("method", ""), scope.get("path", "")))
 
 
-async def _call(door: FrontDoor, method: str, path: str) -> list[dict[str, Any]]:
+async def _call(door: FrontDoor, method: str, path: str, request_id: bytes | None = None) -> list[dict[str, Any]]:
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -35,12 +42,13 @@ async def _call(door: FrontDoor, method: str, path: str) -> list[dict[str, Any]]
             raise RuntimeError("Expected ASGI message 'http.response.body'")  # what uvicorn does
         sent.append(message)
 
-    await door(_scope(method, path), receive, send)
+    await door(_scope(method, path, request_id), receive, send)
     return sent
 
 
-def _scope(method: str, path: str) -> dict[str, Any]:
-    return {"type": "http", "method": method, "path": path, "headers": []}
+def _scope(method: str, path: str, request_id: bytes | None = None) -> dict[str, Any]:
+    headers = [(b"x-request-id", request_id)] if request_id is not None else []
+    return {"type": "http", "method": method, "path": path, "headers": headers}
 
 
 @pytest.fixture
@@ -106,3 +114,71 @@ async def test_a_failure_after_the_answer_began_goes_to_the_server(served: list[
     served[0].raises = KeyError("late")
     with pytest.raises(KeyError):  # uvicorn then closes the connection: a half answer is never "completed"
         await _call(FrontDoor(Inner()), "POST", "/v1/chat/completions")  # type: ignore[arg-type]
+
+
+async def test_a_bug_s_500_carries_the_request_id(served: list[Any], caplog: pytest.LogCaptureFixture) -> None:
+    served[0].raises = KeyError("bug")
+    with caplog.at_level(logging.ERROR, logger="gateway"):
+        start, _ = await _call(FrontDoor(Inner()), "POST", "/v1/chat/completions")  # type: ignore[arg-type]
+    generated = dict(start["headers"])[b"x-request-id"].decode()
+    assert start["status"] == 500 and GENERATED.match(generated)
+    assert [r.request_id for r in caplog.records if r.exc_info] == [generated]  # type: ignore[attr-defined]
+
+    start, _ = await _call(FrontDoor(Inner()), "POST", "/v1/embeddings", b"mine-123")  # type: ignore[arg-type]
+    assert start["status"] == 500 and dict(start["headers"])[b"x-request-id"] == b"mine-123"
+
+
+async def test_litestar_s_answers_get_a_request_id_unless_they_have_one() -> None:
+    class Answers(Inner):
+        headers: list[tuple[bytes, bytes]] = []
+
+        async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+            await send({"type": "http.response.body", "body": b""})
+
+    inner = Answers()
+    start, body = await _call(FrontDoor(inner), "GET", "/v1/models")  # type: ignore[arg-type]
+    assert GENERATED.match(dict(start["headers"])[b"x-request-id"].decode()) and body["body"] == b""
+    start, _ = await _call(FrontDoor(inner), "GET", "/v1/models", b"mine-123")  # type: ignore[arg-type]
+    assert dict(start["headers"])[b"x-request-id"] == b"mine-123"
+    start, _ = await _call(FrontDoor(inner), "GET", "/v1/models", b"not valid!")  # type: ignore[arg-type]
+    assert GENERATED.match(dict(start["headers"])[b"x-request-id"].decode())
+
+    inner.headers = [(b"x-request-id", b"set-by-the-handler")]
+    start, _ = await _call(FrontDoor(inner), "GET", "/v1/models", b"mine-123")  # type: ignore[arg-type]
+    assert start["headers"] == [(b"x-request-id", b"set-by-the-handler")]
+
+
+def test_every_answer_carries_x_request_id(start_gateway: StartGateway) -> None:
+    """The README's promise, on every kind of answer: generated when the client sends none, the
+    client's own when it sends one."""
+    backend = {"name": "b", "runtime": "openai", "url": f"http://127.0.0.1:{free_port()}", "serves": ["m"]}
+    gateway = start_gateway({"backends": [backend]}, ready=False)
+    key = gateway.new_key()
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    cases = [  # method, path, key, body, status
+        ("POST", "/v1/chat/completions", "nope", chat, 401),
+        ("GET", "/v1/chat/completions", key, None, 405),
+        ("GET", "/v1/models", key, None, 200),
+        ("GET", "/v1/models", "nope", None, 401),
+        ("GET", "/v1/models/nope", key, None, 404),
+        ("POST", "/v1/responses", key, {}, 404),
+        ("POST", "/v1/models", key, None, 405),
+        ("GET", "/admin/keys", ADMIN_KEY, None, 200),
+        ("GET", "/admin/keys", key, None, 401),
+        ("GET", "/admin/backends/nope", ADMIN_KEY, None, 404),
+        ("GET", "/health", None, None, 200),
+    ]
+    wrong = []
+    for method, path, secret, body, status in cases:
+        headers = {"authorization": f"Bearer {secret}"} if secret else {}
+        for sent in (None, "mine-123"):
+            response = httpx.request(method, gateway.url + path, json=body, timeout=30,
+                                     headers={**headers, **({"x-request-id": sent} if sent else {})})
+            assert response.status_code == status, (method, path, response.text)
+            got = response.headers.get("x-request-id")
+            if not ((got == sent) if sent else GENERATED.match(got or "")):
+                wrong.append((method, path, status, sent, got))
+    refused = httpx.post(gateway.url + "/v1/models", headers={"authorization": f"Bearer {key}"})
+    allow = sorted(refused.headers.get("allow", "").split(", "))  # a 405 says what the path accepts
+    assert (wrong, refused.status_code, allow) == ([], 405, ["GET", "OPTIONS"])
