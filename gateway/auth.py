@@ -24,6 +24,7 @@ from gateway.store.base import ApiKey, Store, hash_secret
 log = logging.getLogger("gateway.auth")
 
 FULL_RELOAD_INTERVAL = 60.0  # a safety net under the change feed
+RELOAD_RETRY = 1.0  # after a failed reload or refresh
 
 
 @dataclass(frozen=True)
@@ -173,8 +174,12 @@ class KeyCache:
                     else:
                         await self.refresh(key_id)
                 except Exception as exc:  # noqa: BLE001 - keep serving from the last good cache
-                    log.warning("key cache refresh failed (%s); serving the last loaded keys", exc)
-                    await asyncio.sleep(1.0)
+                    # The change it was for is missed until a reload succeeds: the next try is
+                    # soon, not a full interval away (after a Redis restart the first read often
+                    # meets a dead pooled connection, and a revoked key would open for a minute).
+                    log.warning("key cache refresh failed (%s); serving the last loaded keys, reloading in %gs",
+                                exc, RELOAD_RETRY)
+                    next_full = time.monotonic() + RELOAD_RETRY
         finally:
             if pending is not None:
                 pending.cancel()

@@ -103,3 +103,47 @@ async def test_the_feed_restarts_when_it_ends(open_store: OpenStore, monkeypatch
         assert feeds == 2
     finally:
         await cache.stop()
+
+
+
+
+async def test_a_failed_reload_is_tried_again_soon_not_a_full_interval_later(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As after a Redis restart: the feed says None (changes may have been missed) and the reload
+    # that follows meets a dead connection. A key revoked meanwhile must not open for a minute.
+    monkeypatch.setattr(auth, "FULL_RELOAD_INTERVAL", 30.0)
+    key, secret = await keys.issue(store, {"name": "to-revoke"})
+    read_all, failures = store.all_keys, []
+    restarted = asyncio.Event()
+
+    async def failing_once() -> list[ApiKey]:
+        if failures:
+            raise failures.pop()
+        return await read_all()
+
+    async def feed() -> AsyncIterator[str | None]:
+        await restarted.wait()
+        yield None  # "messages may have been missed"
+        await asyncio.Event().wait()  # then quiet
+
+    store.all_keys = failing_once  # type: ignore[method-assign]
+    store.key_changes = feed  # type: ignore[method-assign]
+    cache = KeyCache(store, AuthConfig(), LimitValues())
+    await cache.start()
+    try:
+        assert cache.authenticate(f"Bearer {secret}").key_id == key.id
+        await keys.revoke(store, key.id)  # missed by the feed
+        failures.append(ConnectionError("Connection closed by server."))
+        restarted.set()
+
+        def refused() -> None:
+            try:
+                cache.authenticate(f"Bearer {secret}")
+            except AuthenticationFailed:
+                return
+            raise AssertionError("the revoked key still opens")
+
+        await eventually(refused, timeout=3.0)
+        assert not failures
+    finally:
+        await cache.stop()
