@@ -57,6 +57,8 @@ class Gateway:
         self.config_path = config_path
         self._file_config = file_config or config  # as written, before --host/--port
         self._reload_lock = asyncio.Lock()
+        self._started = False  # the lifespan has opened everything
+        self._reload_waiting = False  # a SIGHUP came before that
         self.started = int(time.time())
         self.redis = _redis_client(config.store.url) if config.store.url else None
         self.store = open_store(config, self.redis)
@@ -81,6 +83,11 @@ class Gateway:
     async def lifespan(self, app: Litestar) -> AsyncIterator[None]:
         # Opened in dependency order, closed in reverse; each close runs even if a later open failed.
         async with contextlib.AsyncExitStack() as stack:
+            # First: SIGHUP's default action ends the process, and starting can take a while (an
+            # eager backend loading its model). One that comes meanwhile is applied once started.
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+            stack.callback(loop.remove_signal_handler, signal.SIGHUP)
             if self.redis is not None:
                 stack.push_async_callback(self.redis.aclose)
             await self.upstream.open()
@@ -99,13 +106,20 @@ class Gateway:
             stack.push_async_callback(self.loads.stop)
             await self.sends.start()
             stack.push_async_callback(self.sends.stop)
-            loop = asyncio.get_running_loop()
-            loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
-            stack.callback(loop.remove_signal_handler, signal.SIGHUP)
+            self._started = True
+            if self._reload_waiting:
+                self._reload_on_signal()
             _settle_garbage_collector()
             yield
 
     def _reload_on_signal(self) -> None:
+        if not self._started:
+            if not self._reload_waiting:
+                log.info("SIGHUP while starting: the config is re-read once the gateway has started")
+            self._reload_waiting = True
+            return
+        self._reload_waiting = False
+
         async def run() -> None:
             try:
                 summary = await self.reload()

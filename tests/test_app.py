@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
+import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,7 +19,8 @@ from gateway import app as app_module
 from gateway.app import FrontDoor
 from gateway.errors import ModelNotFound, RateLimited
 from tests.conftest import StartGateway
-from tests.helpers import ADMIN_KEY, free_port
+from tests.helpers import ADMIN_KEY, GatewayProcess, free_port, wait_until
+from tests.supervisor.support import fake
 
 GENERATED = re.compile(r"^req_[0-9a-f]{12}[0-9a-f]+$")
 
@@ -182,3 +186,21 @@ def test_every_answer_carries_x_request_id(start_gateway: StartGateway) -> None:
     refused = httpx.post(gateway.url + "/v1/models", headers={"authorization": f"Bearer {key}"})
     allow = sorted(refused.headers.get("allow", "").split(", "))  # a 405 says what the path accepts
     assert (wrong, refused.status_code, allow) == ([], 405, ["GET", "OPTIONS"])
+
+
+def test_a_sighup_while_starting_is_applied_once_started(tmp_path: Path) -> None:
+    # An eager backend that takes 3 s to load holds the start-up; SIGHUP's default would kill.
+    backend = fake("slow", env={"FAKE_LOAD_SECONDS": "3"}, startup_timeout="20s")
+    gateway = GatewayProcess({"backends": [backend], "limits": {"default": {"rpm": 5}}}, tmp_path)
+    try:
+        assert wait_until(lambda: "Waiting for application startup" in gateway.log(), timeout=30), gateway.log()
+        time.sleep(0.5)  # into the lifespan, which waits for the backend
+        gateway.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        gateway.proc.send_signal(signal.SIGHUP)  # twice: one reload is enough
+        gateway.wait_healthy(60)
+        assert wait_until(lambda: "config reloaded on SIGHUP" in gateway.log(), timeout=10), gateway.log()
+        assert gateway.log().count("SIGHUP while starting") == 1
+        assert gateway.log().count("config reloaded on SIGHUP") == 1
+    finally:
+        gateway.stop()
