@@ -7,6 +7,7 @@
      ├── ModelNotFound           404 model_not_found
      ├── NotFound                404 not_found
      ├── MethodNotAllowed        405 method_not_allowed
+     ├── RequestTimeout          408 request_timeout       (the body did not arrive in time)
      ├── BodyTooLarge            413 request_too_large
      ├── RateLimited             429 rate_limit_exceeded   (carries retry-after)
      ├── ClientClosedRequest     499 client_closed         (the client left; nobody reads it)
@@ -88,6 +89,12 @@ class MethodNotAllowed(GatewayError):
     status = 405
     type = "invalid_request_error"
     code = "method_not_allowed"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class BodyTooLarge(GatewayError):

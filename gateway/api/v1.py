@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from litestar import Request, Response, asgi, get
-from litestar.types import Receive, Scope, Send
+from litestar.types import Message, Receive, Scope, Send
 
 from adapters.shapes import token_count
 from gateway import metrics
@@ -35,6 +35,7 @@ from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
     ModelNotFound,
+    RequestTimeout,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -87,13 +88,25 @@ class Exchange:
 
     async def body(self, limit: int) -> bytes:
         """The whole body, refused (413) from Content-Length alone or as soon as the bytes read pass
-        `limit`: never read whole into memory."""
+        `limit`: never read whole into memory; and in BODY_TIMEOUT (408), as uvicorn sets no
+        bound on a client that sends its body slowly, or stops half-way."""
         if self.content_length is not None and self.content_length > limit:
             raise BodyTooLarge(TOO_LARGE)
+        first = await self.receive()  # most bodies come whole in one message, already read
+        if not first.get("more_body") and first["type"] != "http.disconnect":
+            if len(first.get("body", b"")) > limit:
+                raise BodyTooLarge(TOO_LARGE)
+            return first.get("body", b"")
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT):
+                return await self._rest_of_body(first, limit)
+        except TimeoutError:
+            raise RequestTimeout(f"The request body did not arrive within {BODY_TIMEOUT:g}s.") from None
+
+    async def _rest_of_body(self, message: Message, limit: int) -> bytes:
         parts: list[bytes] = []
         size = 0
         while True:
-            message = await self.receive()
             if message["type"] == "http.disconnect":
                 raise ClientClosedRequest("The client disconnected before sending its request.")
             part = message.get("body", b"")
@@ -101,8 +114,9 @@ class Exchange:
             if size > limit:
                 raise BodyTooLarge(TOO_LARGE)
             if not message.get("more_body"):
-                return b"".join([*parts, part]) if parts else part  # most bodies come in one message
+                return b"".join([*parts, part])
             parts.append(part)
+            message = await self.receive()
 
     async def disconnected(self) -> None:
         """Returns when the client goes away (the body is already read, so nothing else arrives)."""
@@ -116,6 +130,7 @@ class Exchange:
 
 
 TOO_LARGE = "The request body is larger than this gateway accepts (server.max_body)."
+BODY_TIMEOUT = 60.0  # seconds for a body that comes in pieces: a slow uplink, not a stalled client
 
 
 # A disconnect is only seen by a task waiting in receive(), which costs 5 % of a fast request's
