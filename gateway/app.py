@@ -34,6 +34,7 @@ from gateway.openai import PATHS
 from gateway.routing import Cooldowns, ModelTable
 from gateway.sendwatch import SendWatch
 from gateway.store import open_store
+from gateway.store.lockfile import exclusive
 from gateway.supervisor import Supervisor
 from gateway.upstream import Upstream
 from gateway.usage import UsageRecorder
@@ -90,6 +91,8 @@ class Gateway:
             stack.callback(loop.remove_signal_handler, signal.SIGHUP)
             if self.redis is not None:
                 stack.push_async_callback(self.redis.aclose)
+            else:
+                stack.enter_context(exclusive(self.config.data_dir / "gateway.lock"))
             await self.upstream.open()
             stack.push_async_callback(self.upstream.close)
             await self.store.open()
