@@ -6,11 +6,13 @@ import argparse
 import ipaddress
 import os
 import sys
+from typing import Any
 
 from gateway import keys_cli, logsetup
 from gateway.config import Config, ConfigError, load
 
 EXIT_CONFIG = 2
+EXIT_STARTUP = 3  # as uvicorn's own
 
 
 def _load_or_exit(path: str | None) -> Config:
@@ -50,8 +52,17 @@ def serve(args: argparse.Namespace) -> None:
 
     from gateway.app import create_app
 
-    uvicorn.run(
-        create_app(config, args.config or os.environ.get("GATEWAY_CONFIG"), file_config),
+    app = create_app(config, args.config or os.environ.get("GATEWAY_CONFIG"), file_config)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            # Before uvicorn waits out the requests in flight: the ones that only wait in the
+            # queue are answered now (503, retry elsewhere) rather than cut at the grace period.
+            app.app.state.gateway.begin_shutdown()
+            await super().shutdown(sockets)
+
+    uvicorn_config = uvicorn.Config(
+        app,
         host=server.host,
         port=server.port,
         loop="uvloop",
@@ -71,6 +82,13 @@ def serve(args: argparse.Namespace) -> None:
         # The lifespan stops every backend; give it their grace periods to do so.
         timeout_graceful_shutdown=max(b.stop_timeout for b in config.backends) + 5,
     )
+    runner = Server(uvicorn_config)
+    try:
+        runner.run()
+    except KeyboardInterrupt:  # as uvicorn.run
+        pass
+    if not runner.started:  # as uvicorn.run: the start failed (its log says why)
+        raise SystemExit(EXIT_STARTUP)
 
 
 def _loopback(host: str) -> bool:

@@ -12,6 +12,7 @@ backend of the same model, within `routing.max_attempts`; after the first byte n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import re
@@ -39,7 +40,7 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from gateway.openai import PATHS, Endpoint, decode_request, encode, wants_usage
+from gateway.openai import DONE, PATHS, Endpoint, decode_request, encode, sse, wants_usage
 from gateway.routing import Route, choose
 from gateway.sendwatch import Writer
 from gateway.upstream import StreamOutcome, relay_stream
@@ -191,13 +192,7 @@ async def serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) 
         override = gateway.config.models.overrides.get(route.served)
         if override is not None:
             _apply_override(override, body, raw)
-        if not any(b.ready for b in route.backends):
-            # Starts a stopped on-demand backend (one start shared by concurrent callers) or waits
-            # for one on its way; BackendUnavailable when none can be ready within the queue's wait.
-            await gateway.supervisor.ensure_ready(route.backends, gateway.config.queue.max_wait, model=route.public)
-        backends = choose(route, cooldowns=gateway.cooldowns, loads=gateway.loads.loads, affinity=exchange.affinity)
-        lease = await gateway.admission.acquire(_ticket(gateway, principal, route, backends, endpoint, body, raw),
-                                                disconnected=exchange.disconnected)
+        lease, backends = await _admitted(gateway, exchange, principal, route, endpoint, body, raw)
         call.lease = lease
         timeout = override.request_timeout if override is not None else None
         await _forward(gateway, exchange, call, lease, backends, endpoint, body, timeout)
@@ -210,6 +205,36 @@ async def serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) 
         if call.route is not None:
             await call.finish(500, None)
         raise
+
+
+async def _admitted(gateway: Gateway, exchange: Exchange, principal: Principal, route: Route, endpoint: Endpoint,
+                    body: dict[str, Any], raw: bytes) -> tuple[Lease, list[Backend]]:
+    """A backend ready and a slot on it (the lease, and the backends chosen, best first). Waiting for either ends at once when the gateway begins
+    to shut down (Gateway.begin_shutdown cancels the wait), as a 503 to retry elsewhere."""
+    task = asyncio.current_task()
+    assert task is not None
+    gateway.admitting.add(task)
+    try:
+        if gateway.closing:
+            raise asyncio.CancelledError
+        if not any(b.ready for b in route.backends):
+            # Starts a stopped on-demand backend (one start shared by concurrent callers) or waits
+            # for one on its way; BackendUnavailable when none can be ready within the queue's wait.
+            await gateway.supervisor.ensure_ready(route.backends, gateway.config.queue.max_wait, model=route.public)
+        backends = choose(route, cooldowns=gateway.cooldowns, loads=gateway.loads.loads, affinity=exchange.affinity)
+        lease = await gateway.admission.acquire(_ticket(gateway, principal, route, backends, endpoint, body, raw),
+                                                disconnected=exchange.disconnected)
+        return lease, backends
+    except asyncio.CancelledError:
+        if not gateway.closing:
+            raise
+        task.uncancel()
+        raise BackendUnavailable(SHUTTING_DOWN, headers={"retry-after": "1"}) from None
+    finally:
+        gateway.admitting.discard(task)
+
+
+SHUTTING_DOWN = "The gateway is shutting down; try again."
 
 
 async def _forward(gateway: Gateway, exchange: Exchange, call: Call, lease: Lease, backends: Sequence[Backend],
@@ -319,6 +344,11 @@ async def _relay(exchange: Exchange, writer: Writer, call: Call, headers: list[t
         await send({"type": "http.response.body", "body": b""})
     except asyncio.CancelledError:
         if not (left or writer.stalled):
+            if call.gateway.closing and writing:
+                # Cut by the end of the shutdown's grace period: the client hears why, as from
+                # a runtime that failed mid-stream, and knows to retry.
+                outcome.error = BackendUnavailable(SHUTTING_DOWN)
+                await _last_words(send, outcome.error)
             raise
         left = True
         task.uncancel()
@@ -338,6 +368,12 @@ async def _relay(exchange: Exchange, writer: Writer, call: Call, headers: list[t
                 metrics.REQUESTS.token_gap(model, gap)
         error = STALLED if writer.stalled else (outcome.error.message if outcome.error else None)
         await call.finish(status, outcome.usage, error=error, produced=outcome.chunks)
+
+
+async def _last_words(send: Send, error: GatewayError) -> None:
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        async with asyncio.timeout(1.0):  # a client that reads nothing more cannot hold the exit
+            await send({"type": "http.response.body", "body": sse(encode(error.body())) + DONE})
 
 
 def _retryable(exc: GatewayError) -> bool:

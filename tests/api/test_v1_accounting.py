@@ -39,7 +39,7 @@ class _Runtime(BaseHTTPRequestHandler):
         usage = {"garbage": GARBAGE_USAGE, "huge": HUGE_USAGE}.get(model, {"prompt_tokens": 3, "completion_tokens": 2,
                                                                              "total_tokens": 5})
         if request.get("stream"):
-            self._stream(model, 40)
+            self._stream(model, 400 if model == "long" else 40)
             return
         if self.path.endswith("/embeddings"):
             self._json({"object": "list", "model": model, "data": [{"object": "embedding", "index": 0,
