@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from gateway.errors import InvalidRequest, NotFound
-from gateway.store.base import ApiKey, Store, hash_secret, new_key_id, new_secret
+from gateway.store.base import ApiKey, KeyChange, Store, hash_secret, new_key_id, new_secret
 
 PREFIX_CHARS = 12  # "sk-gw-" and six characters of the secret: enough to tell keys apart
 # The times the admin API takes and shows: from the epoch to the last second RFC 3339 can write.
@@ -32,39 +32,62 @@ async def issue(store: Store, fields: dict[str, Any]) -> tuple[ApiKey, str]:
 async def fetch(store: Store, key_id: str) -> ApiKey:
     key = await store.get_key(key_id)
     if key is None:
-        raise KeyNotFound(f"No API key with id `{key_id}`.", param="id")
+        raise _not_found(key_id)
     return key
 
 
 async def update(store: Store, key_id: str, fields: dict[str, Any]) -> ApiKey:
-    key = await fetch(store, key_id)
-    if key.revoked_at is not None:
-        raise InvalidRequest(f"The key `{key_id}` is revoked; issue a new one.", code="key_revoked")
-    key = key.updated(**fields)
-    await store.put_key(key)
-    return key
+    def change(key: ApiKey) -> ApiKey:
+        _refuse_revoked(key)
+        return key.updated(**fields)
+
+    return await _modify(store, key_id, change)
 
 
 async def revoke(store: Store, key_id: str) -> ApiKey:
-    key = await fetch(store, key_id)
-    if key.revoked_at is None:
-        key = key.updated(revoked_at=time.time())
-        await store.put_key(key)
-    return key
+    revoked_at = time.time()
+
+    def change(key: ApiKey) -> ApiKey:
+        return key if key.revoked_at is not None else key.updated(revoked_at=revoked_at)
+
+    return await _modify(store, key_id, change)
 
 
 async def rotate(store: Store, key_id: str, grace_seconds: float) -> tuple[ApiKey, str]:
     """A new secret for the same id and settings; the old one works for `grace_seconds` more."""
-    key = await fetch(store, key_id)
-    if key.revoked_at is not None:
-        raise InvalidRequest(f"The key `{key_id}` is revoked; issue a new one.", code="key_revoked")
     secret = new_secret()
+    new_hash = hash_secret(secret)
     now = time.time()
-    key = key.updated(hash=hash_secret(secret), prefix=secret[:PREFIX_CHARS],
-                      previous_hash=key.hash if grace_seconds > 0 else None,
-                      previous_expires_at=now + grace_seconds if grace_seconds > 0 else None)
-    await store.put_key(key)
-    return key, secret
+
+    def change(key: ApiKey) -> ApiKey:
+        _refuse_revoked(key)
+        if key.hash == new_hash:
+            # This rotation is in already: a try whose answer was lost (Redis retries after a
+            # dropped connection). Again, it would make the new secret its own previous one.
+            return key
+        return key.updated(hash=new_hash, prefix=secret[:PREFIX_CHARS],
+                           previous_hash=key.hash if grace_seconds > 0 else None,
+                           previous_expires_at=now + grace_seconds if grace_seconds > 0 else None)
+
+    return await _modify(store, key_id, change), secret
+
+
+async def _modify(store: Store, key_id: str, change: KeyChange) -> ApiKey:
+    # In the store, as one step: a change made from a copy read earlier would undo whatever
+    # was written meanwhile (a revocation, a rotation).
+    key = await store.modify_key(key_id, change)
+    if key is None:
+        raise _not_found(key_id)
+    return key
+
+
+def _not_found(key_id: str) -> KeyNotFound:
+    return KeyNotFound(f"No API key with id `{key_id}`.", param="id")
+
+
+def _refuse_revoked(key: ApiKey) -> None:
+    if key.revoked_at is not None:
+        raise InvalidRequest(f"The key `{key.id}` is revoked; issue a new one.", code="key_revoked")
 
 
 def iso(timestamp: float | None) -> str | None:

@@ -6,6 +6,7 @@ Store (keys and usage):
     {p}keys:changed          channel key ids changed by any replica (pub/sub)
     {p}usage:{hour}          hash    "{key_id}|{model}|{field}" -> count, for that hour
     {p}usage:hours           zset    the hours that have usage
+    {p}usage:batch:{id}      string  set when that usage batch was applied (a retry finds it); expires
     {p}keys:last_used        zset    key id -> last use (unix seconds)
 
 Admission (limits, slots and the queue) lives under {p}adm:..., listed in gateway/admission/keys.py.
@@ -33,6 +34,9 @@ class Keyspace:
 
     def usage(self, hour: int) -> str:
         return f"{self.prefix}usage:{hour}"
+
+    def usage_batch(self, batch_id: str) -> str:
+        return f"{self.prefix}usage:batch:{batch_id}"
 
     @property
     def usage_hours(self) -> str:

@@ -1,9 +1,12 @@
 """Usage accounting per key and model: added in memory on the request path, flushed in batches.
 
 A request adds to a dict (no I/O); a background task writes the batch about once a second with
-atomic increments, and once more at shutdown. A failed flush keeps its counts for the next try,
-so a store outage delays usage but does not lose it (bounded: past MAX_PENDING rows the oldest
-hour is dropped, and the log says so).
+atomic increments, and once more at shutdown. A failed flush keeps its batch and sends it again,
+as it was and under the same id, before any newer counts: the store may have applied the failed
+try without our hearing so, and the id lets it apply the batch at most once. So a store outage
+delays usage but neither loses nor doubles it (bounded: past MAX_PENDING rows the oldest hour of
+the newer counts is dropped, and the log says so). At shutdown the flush is tried for up to
+FINAL_FLUSH_TIMEOUT; what is still not stored then is lost, and the log says how much.
 """
 
 from __future__ import annotations
@@ -12,19 +15,22 @@ import asyncio
 import logging
 import time
 
-from gateway.store.base import Store, UsageDelta, UsageKey, hour_of
+from gateway.store.base import Store, UsageBatch, UsageDelta, UsageKey, hour_of, new_batch_id
 
 log = logging.getLogger("gateway.usage")
 
 FLUSH_INTERVAL = 1.0
 MAX_PENDING = 100_000
+FINAL_FLUSH_TIMEOUT = 5.0  # shutdown waits this long at most for the store
+FINAL_FLUSH_RETRY_DELAY = 0.5
 
 
 class UsageRecorder:
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._pending: dict[UsageKey, UsageDelta] = {}
+        self._pending: dict[UsageKey, UsageDelta] = {}  # not yet in a batch
         self._last_used: dict[str, float] = {}
+        self._outgoing: UsageBatch | None = None  # sent, or being sent, until the store confirms it
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
@@ -44,35 +50,62 @@ class UsageRecorder:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self.flush()
+        try:
+            async with asyncio.timeout(FINAL_FLUSH_TIMEOUT):
+                while not await self.flush():
+                    await asyncio.sleep(FINAL_FLUSH_RETRY_DELAY)
+        except TimeoutError:
+            pass
+        self._report_lost()
 
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL)
             # Shielded: stop() cancels this task, and a batch cancelled on its way to the store
-            # would be lost (or, put back, counted twice if the store had applied it). stop()'s
-            # own flush waits for it on the lock instead.
+            # would leave its outcome unknown for no reason. stop()'s own flush waits for it on
+            # the lock instead.
             await asyncio.shield(self.flush())
 
-    async def flush(self) -> None:
+    async def flush(self) -> bool:
+        """Send what is held to the store; True when all of it is stored."""
         async with self._lock:
-            if not self._pending and not self._last_used:
-                return
-            batch, self._pending = self._pending, {}
-            last_used, self._last_used = self._last_used, {}
             try:
-                await self._store.add_usage(batch, last_used)
+                if self._outgoing is not None:  # the batch that failed goes first, as it was
+                    await self._store.add_usage(self._outgoing)
+                    self._outgoing = None
+                if self._pending or self._last_used:
+                    self._outgoing = self._seal_pending()
+                    await self._store.add_usage(self._outgoing)
+                    self._outgoing = None
             except Exception as exc:  # noqa: BLE001 - keep the counts and retry next time
-                log.warning("usage flush failed (%s); %d rows kept for retry", exc, len(batch))
-                for row, delta in batch.items():
-                    current = self._pending.get(row)
-                    self._pending[row] = delta if current is None else current + delta
-                for key_id, at in last_used.items():
-                    self._last_used[key_id] = max(at, self._last_used.get(key_id, 0))
-                if len(self._pending) > MAX_PENDING:
-                    oldest = min(row[0] for row in self._pending)
-                    dropped = [row for row in self._pending if row[0] == oldest]
-                    for row in dropped:
-                        del self._pending[row]
-                    log.error("usage backlog over %d rows: dropped %d rows of hour %d", MAX_PENDING,
-                              len(dropped), oldest)
+                log.warning("usage flush failed (%s); %d rows kept for retry", exc, len(self._held()))
+                self._drop_oldest_hour_past_max()
+                return False
+            return True
+
+    def _seal_pending(self) -> UsageBatch:
+        """The counts so far as one batch, under an id it keeps until the store takes it."""
+        batch = UsageBatch(new_batch_id(), self._pending, self._last_used)
+        self._pending, self._last_used = {}, {}
+        return batch
+
+    def _drop_oldest_hour_past_max(self) -> None:
+        if len(self._pending) <= MAX_PENDING:
+            return
+        oldest = min(row[0] for row in self._pending)
+        dropped = [row for row in self._pending if row[0] == oldest]
+        for row in dropped:
+            del self._pending[row]
+        log.error("usage backlog over %d rows: dropped %d rows of hour %d", MAX_PENDING, len(dropped), oldest)
+
+    def _report_lost(self) -> None:
+        lost = sum(self._held(), UsageDelta())
+        if lost != UsageDelta():
+            log.error("usage lost at shutdown: the store did not take %d requests, %d prompt tokens and "
+                      "%d completion tokens (%d errors) within %.0f s", lost.requests, lost.prompt_tokens,
+                      lost.completion_tokens, lost.errors, FINAL_FLUSH_TIMEOUT)
+
+    def _held(self) -> list[UsageDelta]:
+        """Every row not yet stored: the outgoing batch's and the newer ones."""
+        outgoing = self._outgoing.deltas if self._outgoing is not None else {}
+        return [*outgoing.values(), *self._pending.values()]

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any
 
+import pytest
+
 from gateway import usage
-from gateway.store.base import UsageDelta, UsageKey
+from gateway.store.base import UsageBatch
 from gateway.usage import UsageRecorder
 
 
@@ -17,10 +21,17 @@ class SlowStore:
         self.stored = 0
         self.writing = asyncio.Event()
 
-    async def add_usage(self, deltas: dict[UsageKey, UsageDelta], last_used: dict[str, float]) -> None:
+    async def add_usage(self, batch: UsageBatch) -> None:
         self.writing.set()
         await asyncio.sleep(0.05)
-        self.stored += sum(d.requests for d in deltas.values())
+        self.stored += sum(d.requests for d in batch.deltas.values())
+
+
+class HungStore:
+    """Never answers, as a Redis stopped in its tracks."""
+
+    async def add_usage(self, batch: UsageBatch) -> None:
+        await asyncio.Event().wait()
 
 
 async def test_a_flush_on_its_way_at_shutdown_is_not_lost(monkeypatch: Any) -> None:
@@ -35,3 +46,60 @@ async def test_a_flush_on_its_way_at_shutdown_is_not_lost(monkeypatch: Any) -> N
         recorder.add("key_1", "m")  # and more arrives meanwhile
     await recorder.stop()
     assert store.stored == 15
+
+
+class FlakyStore:
+    """Refuses the first `failures` writes (None: every write); remembers each batch it was sent."""
+
+    def __init__(self, failures: int | None) -> None:
+        self.failures = failures
+        self.sent: list[UsageBatch] = []
+        self.stored: dict[str, UsageBatch] = {}
+
+    async def add_usage(self, batch: UsageBatch) -> None:
+        self.sent.append(batch)
+        if self.failures is None or len(self.sent) <= self.failures:
+            raise ConnectionError("store unavailable")
+        self.stored[batch.id] = batch
+
+    def requests_stored(self) -> int:
+        return sum(d.requests for batch in self.stored.values() for d in batch.deltas.values())
+
+
+async def test_a_failed_batch_goes_again_as_it_was_before_newer_counts() -> None:
+    store = FlakyStore(failures=1)
+    recorder = UsageRecorder(store)  # type: ignore[arg-type]
+    for _ in range(3):
+        recorder.add("key_1", "m", prompt_tokens=2)
+    assert await recorder.flush() is False
+    recorder.add("key_1", "m")
+    assert await recorder.flush() is True
+    failed, retried, newer = store.sent
+    # Same id and contents: if the failed try was in fact applied, the store refuses the retry whole.
+    assert retried == failed and sum(d.requests for d in failed.deltas.values()) == 3
+    assert newer.id != failed.id and sum(d.requests for d in newer.deltas.values()) == 1
+    assert "key_1" in newer.last_used
+
+
+async def test_the_final_flush_is_retried_at_shutdown(monkeypatch: Any) -> None:
+    monkeypatch.setattr(usage, "FINAL_FLUSH_RETRY_DELAY", 0.01)
+    store = FlakyStore(failures=3)
+    recorder = UsageRecorder(store)  # type: ignore[arg-type]
+    recorder.add("key_1", "m", prompt_tokens=3)
+    await recorder.stop()
+    assert store.requests_stored() == 1
+
+
+@pytest.mark.parametrize("store", [FlakyStore(failures=None), HungStore()], ids=["failing", "hung"])
+async def test_usage_the_store_never_takes_is_reported_lost(monkeypatch: Any, caplog: Any, store: Any) -> None:
+    monkeypatch.setattr(usage, "FINAL_FLUSH_TIMEOUT", 0.3)
+    monkeypatch.setattr(usage, "FINAL_FLUSH_RETRY_DELAY", 0.01)
+    recorder = UsageRecorder(store)
+    for _ in range(7):
+        recorder.add("key_1", "m", prompt_tokens=10, completion_tokens=5)
+    started = time.monotonic()
+    await recorder.stop()
+    assert time.monotonic() - started < 1.0  # shutdown is not held up for long
+    lost = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(lost) == 1
+    assert "7 requests, 70 prompt tokens and 35 completion tokens" in lost[0].getMessage()

@@ -11,7 +11,7 @@ import abc
 import hashlib
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -90,6 +90,28 @@ UsageKey = tuple[int, str, str]  # (hour as a unix timestamp, key id, model)
 USAGE_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "errors")
 
 
+@dataclass(frozen=True)
+class UsageBatch:
+    """Counts flushed together, under an id that stays with them across retries: a try whose
+    answer was lost (a timeout) may still have been applied, and the id lets the store tell."""
+
+    id: str
+    deltas: dict[UsageKey, UsageDelta]
+    last_used: dict[str, float]
+
+
+# How long a store remembers the ids of the batches it applied: far longer than a batch is
+# retried, unless the store is out for longer than this.
+BATCH_ID_TTL = 6 * 3600
+
+
+def new_batch_id() -> str:
+    return secrets.token_hex(16)
+
+
+KeyChange = Callable[[ApiKey], ApiKey]
+
+
 def hour_of(timestamp: float) -> int:
     return int(timestamp // 3600 * 3600)
 
@@ -111,8 +133,12 @@ class Store(abc.ABC):
     async def get_key(self, key_id: str) -> ApiKey | None: ...
 
     @abc.abstractmethod
-    async def put_key(self, key: ApiKey) -> None:
-        """Replace an existing key's record (update, revoke, rotate)."""
+    async def modify_key(self, key_id: str, change: KeyChange) -> ApiKey | None:
+        """Read, change and write one key as one step: no other write lands in between, so a
+        revocation answered as done cannot be undone by a concurrent update. Returns the key as it
+        now is, or None if there is no such key. `change` returns its argument to write nothing,
+        or raises to refuse (the record stays as it was); it may run more than once (on Redis,
+        after a concurrent write), so it must have no other effect."""
 
     @abc.abstractmethod
     async def all_keys(self) -> list[ApiKey]:
@@ -125,8 +151,9 @@ class Store(abc.ABC):
 
     # --- usage ---
     @abc.abstractmethod
-    async def add_usage(self, deltas: dict[UsageKey, UsageDelta], last_used: dict[str, float]) -> None:
-        """Add the counts atomically per row; totals stay exact when replicas add at once."""
+    async def add_usage(self, batch: UsageBatch) -> None:
+        """Add the batch's counts, all or none; totals stay exact when replicas add at once.
+        A batch id already applied (in the last few hours) is not applied again."""
 
     @abc.abstractmethod
     async def usage(self, start: float, end: float) -> list[tuple[UsageKey, UsageDelta]]:

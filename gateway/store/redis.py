@@ -1,8 +1,10 @@
 """The shared store: keys and usage in Redis, for several gateway replicas.
 
 Usage counts are HINCRBY on one hash per hour, so concurrent replicas add without losing
-counts. Key changes are published on a channel; every replica's auth cache reloads the key it
-names, so a revocation is seen everywhere within milliseconds.
+counts; a marker per batch id keeps a retried batch from counting twice. A key changes under
+WATCH (read, change, write, or again if another replica wrote meanwhile). Key changes are
+published on a channel; every replica's auth cache reloads the key it names, so a revocation is
+seen everywhere within milliseconds.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import logging
 from collections.abc import AsyncIterator
 
 import redis.asyncio as redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from gateway.keyspace import Keyspace
-from gateway.store.base import USAGE_FIELDS, ApiKey, Store, UsageDelta, UsageKey
+from gateway.store.base import (BATCH_ID_TTL, USAGE_FIELDS, ApiKey, KeyChange, Store, UsageBatch, UsageDelta,
+                                UsageKey)
 
 log = logging.getLogger("gateway.store")
 
@@ -37,11 +41,23 @@ class RedisStore(Store):
         raw = await self.redis.get(self.ks.key(key_id))
         return ApiKey.from_record(json.loads(raw)) if raw else None
 
-    async def put_key(self, key: ApiKey) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.ks.key(key.id), json.dumps(key.to_record()))
-            pipe.publish(self.ks.keys_changed, key.id)
-            await pipe.execute()
+    async def modify_key(self, key_id: str, change: KeyChange) -> ApiKey | None:
+        record = self.ks.key(key_id)
+
+        async def read_change_write(pipe: Pipeline) -> ApiKey | None:
+            raw = await pipe.get(record)
+            if not raw:
+                return None
+            current = ApiKey.from_record(json.loads(raw))
+            key = change(current)
+            pipe.multi()
+            if key != current:
+                pipe.set(record, json.dumps(key.to_record()))
+                pipe.publish(self.ks.keys_changed, key_id)
+            return key
+
+        # EXEC fails if the record changed after the WATCH; transaction() then runs it all again.
+        return await self.redis.transaction(read_change_write, record, value_from_callable=True)
 
     async def all_keys(self) -> list[ApiKey]:
         ids = await self.redis.zrange(self.ks.keys, 0, -1)
@@ -71,18 +87,28 @@ class RedisStore(Store):
                 except (RedisError, OSError):
                     pass
 
-    async def add_usage(self, deltas: dict[UsageKey, UsageDelta], last_used: dict[str, float]) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for (hour, key_id, model), delta in deltas.items():
+    async def add_usage(self, batch: UsageBatch) -> None:
+        marker = self.ks.usage_batch(batch.id)
+
+        async def apply_once(pipe: Pipeline) -> None:
+            if await pipe.exists(marker):
+                return  # an earlier try was applied; only its answer was lost
+            pipe.multi()
+            pipe.set(marker, 1, ex=BATCH_ID_TTL)
+            for (hour, key_id, model), delta in batch.deltas.items():
                 bucket = self.ks.usage(hour)
                 for name in USAGE_FIELDS:
                     value = getattr(delta, name)
                     if value:
                         pipe.hincrby(bucket, f"{key_id}|{model}|{name}", value)
                 pipe.zadd(self.ks.usage_hours, {str(hour): hour})
-            if last_used:
-                pipe.zadd(self.ks.last_used, last_used, gt=True)
-            await pipe.execute()
+            if batch.last_used:
+                pipe.zadd(self.ks.last_used, batch.last_used, gt=True)
+
+        # Every try WATCHes the marker before it looks. Of two tries whose EXECs both reach Redis
+        # (one timed out while Redis stalled, yet ran when it woke), the later fails: the earlier
+        # set the marker. transaction() then runs that one again, and it finds the marker.
+        await self.redis.transaction(apply_once, marker)
 
     async def usage(self, start: float, end: float) -> list[tuple[UsageKey, UsageDelta]]:
         hours = [int(h) for h in await self.redis.zrangebyscore(self.ks.usage_hours, start, f"({end}")]

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.store.base import ApiKey, Store, UsageDelta, UsageKey
+from gateway.store.base import BATCH_ID_TTL, ApiKey, KeyChange, Store, UsageBatch, UsageDelta, UsageKey
 
 T = TypeVar("T")
 
@@ -39,6 +40,11 @@ CREATE TABLE IF NOT EXISTS last_used (
     key_id TEXT PRIMARY KEY,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS usage_batches (
+    id TEXT PRIMARY KEY,
+    applied_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_batches_applied_at ON usage_batches (applied_at);
 """
 
 
@@ -85,10 +91,25 @@ class SQLiteStore(Store):
         row = await self._run(lambda db: db.execute("SELECT record FROM keys WHERE id = ?", (key_id,)).fetchone())
         return ApiKey.from_record(json.loads(row[0])) if row else None
 
-    async def put_key(self, key: ApiKey) -> None:
-        record = json.dumps(key.to_record())
-        await self._run(lambda db: db.execute("UPDATE keys SET record = ? WHERE id = ?", (record, key.id)))
-        self._changes.put_nowait(key.id)
+    async def modify_key(self, key_id: str, change: KeyChange) -> ApiKey | None:
+        def read_change_write(db: sqlite3.Connection) -> tuple[ApiKey | None, bool]:
+            # IMMEDIATE: the write lock is taken before the read, so not even another process
+            # on the same file writes in between (this process's calls are serial already).
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute("SELECT record FROM keys WHERE id = ?", (key_id,)).fetchone()
+            if row is None:
+                return None, False
+            current = ApiKey.from_record(json.loads(row[0]))
+            key = change(current)
+            if key == current:
+                return key, False
+            db.execute("UPDATE keys SET record = ? WHERE id = ?", (json.dumps(key.to_record()), key_id))
+            return key, True
+
+        key, written = await self._run(read_change_write)
+        if written:
+            self._changes.put_nowait(key_id)
+        return key
 
     async def all_keys(self) -> list[ApiKey]:
         rows = await self._run(lambda db: db.execute("SELECT record FROM keys ORDER BY created_at, id").fetchall())
@@ -100,11 +121,18 @@ class SQLiteStore(Store):
         while True:
             yield await self._changes.get()
 
-    async def add_usage(self, deltas: dict[UsageKey, UsageDelta], last_used: dict[str, float]) -> None:
+    async def add_usage(self, batch: UsageBatch) -> None:
         rows = [(hour, key_id, model, d.requests, d.prompt_tokens, d.completion_tokens, d.errors)
-                for (hour, key_id, model), d in deltas.items()]
+                for (hour, key_id, model), d in batch.deltas.items()]
 
         def write(db: sqlite3.Connection) -> None:
+            # A caller that stopped waiting (cancelled) leaves the write running on the store's
+            # thread, to commit after all: a retry of the batch must then count for nothing.
+            now = time.time()
+            db.execute("DELETE FROM usage_batches WHERE applied_at < ?", (now - BATCH_ID_TTL,))
+            if db.execute("INSERT OR IGNORE INTO usage_batches (id, applied_at) VALUES (?, ?)",
+                          (batch.id, now)).rowcount == 0:
+                return
             db.executemany(
                 """INSERT INTO usage (hour, key_id, model, requests, prompt_tokens, completion_tokens, errors)
                    VALUES (?, ?, ?, ?, ?, ?, ?)
@@ -118,7 +146,7 @@ class SQLiteStore(Store):
             db.executemany(
                 """INSERT INTO last_used (key_id, at) VALUES (?, ?)
                    ON CONFLICT (key_id) DO UPDATE SET at = max(at, excluded.at)""",
-                list(last_used.items()),
+                list(batch.last_used.items()),
             )
 
         await self._run(write)

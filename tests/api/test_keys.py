@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from tests.conftest import StartGateway
-from tests.helpers import GatewayProcess, free_port, wait_until
+from tests.helpers import ADMIN_KEY, GatewayProcess, free_port, wait_until
 
 
 def _config(store: str, redis_url: str | None) -> dict[str, Any]:
@@ -145,6 +145,27 @@ def test_rotate_with_and_without_grace(gateway: GatewayProcess) -> None:
     again = gateway.admin("POST", f"/admin/keys/{created['id']}/rotate").json()["key"]
     assert wait_until(lambda: models_for(gateway, new).status_code == 401, 1.0)  # no grace: at once
     assert models_for(gateway, again).status_code == 200
+
+
+async def test_a_revocation_answered_200_stays_under_concurrent_updates(start_gateway: StartGateway,
+                                                                        store_config: dict[str, Any]) -> None:
+    one = start_gateway(store_config, ready=False)
+    # On Redis the update goes to another replica, as behind a load balancer.
+    two = start_gateway(store_config, ready=False) if "store" in store_config else one
+    created = [one.admin("POST", "/admin/keys", json={"name": f"race{i}"}).json() for i in range(30)]
+    async with httpx.AsyncClient(headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=30) as client:
+
+        async def race(key_id: str) -> httpx.Response:
+            revoked, _ = await asyncio.gather(client.delete(f"{one.url}/admin/keys/{key_id}"),
+                                              client.patch(f"{two.url}/admin/keys/{key_id}", json={"rpm": 77}))
+            return revoked
+
+        answers = await asyncio.gather(*(race(c["id"]) for c in created))
+    assert [r.status_code for r in answers] == [200] * len(created)
+    shown = {k["id"]: k["status"] for k in one.admin("GET", "/admin/keys", params={"status": "all"}).json()["data"]}
+    assert [shown[c["id"]] for c in created] == ["revoked"] * len(created)
+    for c in created:  # on the other replica too (within the second its change feed may take)
+        assert wait_until(lambda: models_for(two, c["key"]).status_code == 401, 1.0)
 
 
 def test_expired_key_is_refused(gateway: GatewayProcess) -> None:

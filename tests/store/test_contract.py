@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
-from gateway.store.base import Store, UsageDelta, hour_of
+import pytest
+
+from gateway.store.base import ApiKey, Store, UsageBatch, UsageDelta, UsageKey, hour_of, new_batch_id
 from tests.store.conftest import OpenStore, make_key
+
+
+def batch(deltas: dict[UsageKey, UsageDelta], last_used: dict[str, float] | None = None) -> UsageBatch:
+    return UsageBatch(new_batch_id(), deltas, last_used or {})
 
 
 async def test_create_get_and_list(store: Store) -> None:
@@ -18,13 +25,41 @@ async def test_create_get_and_list(store: Store) -> None:
     assert [k.id for k in await store.all_keys()] == ["key_1", "key_2"]  # oldest first
 
 
-async def test_put_replaces_the_record(store: Store) -> None:
+async def test_modify_writes_what_the_change_returns(store: Store) -> None:
     key = make_key()
     await store.create_key(key)
-    revoked = key.updated(revoked_at=time.time(), rpm=None)
-    await store.put_key(revoked)
+    revoked = await store.modify_key(key.id, lambda k: k.updated(revoked_at=time.time(), rpm=None))
+    assert revoked is not None and revoked.rpm is None and not revoked.usable(time.time())
     assert await store.get_key(key.id) == revoked
-    assert not revoked.usable(time.time())
+    assert await store.modify_key("missing", lambda k: k.updated(rpm=1)) is None
+    assert await store.get_key("missing") is None
+
+
+async def test_a_refused_change_leaves_the_record_as_it_was(store: Store) -> None:
+    key = make_key()
+    await store.create_key(key)
+
+    def refuse(current: ApiKey) -> ApiKey:
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        await store.modify_key(key.id, refuse)
+    assert await store.get_key(key.id) == key
+    assert await store.modify_key(key.id, lambda k: k.updated(name="bob")) is not None  # nothing left locked
+
+
+async def test_concurrent_changes_from_two_stores_all_land(store: Store, open_store: OpenStore) -> None:
+    # Two replicas (Redis) or two connections to one file (SQLite): a change made from a stale
+    # read would drop the others' increments.
+    other = await open_store()
+    await store.create_key(make_key(rpm=0))
+
+    def one_more(key: ApiKey) -> ApiKey:
+        return key.updated(rpm=(key.rpm or 0) + 1)
+
+    await asyncio.gather(*(s.modify_key("key_1", one_more) for _ in range(25) for s in (store, other)))
+    changed = await store.get_key("key_1")
+    assert changed is not None and changed.rpm == 50
 
 
 async def test_change_feed_names_changed_keys(store: Store) -> None:
@@ -32,8 +67,11 @@ async def test_change_feed_names_changed_keys(store: Store) -> None:
     assert await asyncio.wait_for(anext(changes), 5) is None  # first: "load everything"
     await store.create_key(make_key("key_9"))
     assert await asyncio.wait_for(anext(changes), 5) == "key_9"
-    await store.put_key(make_key("key_9", name="bob"))
+    await store.modify_key("key_9", lambda k: k)  # no change: nothing written, nothing told
+    await store.modify_key("key_9", lambda k: dataclasses.replace(k, name="bob"))
+    await store.create_key(make_key("key_10"))
     assert await asyncio.wait_for(anext(changes), 5) == "key_9"
+    assert await asyncio.wait_for(anext(changes), 5) == "key_10"
     await changes.aclose()
 
 
@@ -42,10 +80,10 @@ async def test_usage_adds_exactly_under_concurrency(store: Store) -> None:
     row = (hour, "key_1", "m")
 
     async def add_one() -> None:
-        await store.add_usage({row: UsageDelta(1, 10, 5, 0)}, {"key_1": time.time()})
+        await store.add_usage(batch({row: UsageDelta(1, 10, 5, 0)}, {"key_1": time.time()}))
 
     await asyncio.gather(*(add_one() for _ in range(50)))
-    await store.add_usage({row: UsageDelta(2, 0, 0, 2), (hour, "key_2", "m"): UsageDelta(1, 1, 1, 0)}, {})
+    await store.add_usage(batch({row: UsageDelta(2, 0, 0, 2), (hour, "key_2", "m"): UsageDelta(1, 1, 1, 0)}))
     rows = dict(await store.usage(hour, hour + 3600))
     assert rows[row] == UsageDelta(52, 500, 250, 2)
     assert rows[(hour, "key_2", "m")] == UsageDelta(1, 1, 1, 0)
@@ -53,9 +91,21 @@ async def test_usage_adds_exactly_under_concurrency(store: Store) -> None:
     assert "key_1" in await store.last_used()
 
 
+async def test_a_batch_sent_again_counts_once(store: Store, open_store: OpenStore) -> None:
+    # A try whose answer was lost (a timeout) may have been applied; its retry, from this replica
+    # or after a restart, carries the same id.
+    hour = hour_of(time.time())
+    row = (hour, "key_1", "m")
+    sent = batch({row: UsageDelta(2, 20, 10, 0)}, {"key_1": 100.0})
+    await asyncio.gather(store.add_usage(sent), store.add_usage(sent))
+    await (await open_store()).add_usage(sent)
+    await store.add_usage(batch({row: UsageDelta(1, 1, 1, 1)}))
+    assert dict(await store.usage(hour, hour + 3600))[row] == UsageDelta(3, 21, 11, 1)
+
+
 async def test_last_used_keeps_the_latest(store: Store) -> None:
-    await store.add_usage({}, {"key_1": 200.0})
-    await store.add_usage({}, {"key_1": 100.0})  # an older flush arriving late
+    await store.add_usage(batch({}, {"key_1": 200.0}))
+    await store.add_usage(batch({}, {"key_1": 100.0}))  # an older flush arriving late
     assert (await store.last_used())["key_1"] == 200.0
 
 
@@ -63,7 +113,7 @@ async def test_everything_survives_a_reopen(store: Store, open_store: OpenStore)
     key = make_key()
     hour = hour_of(time.time())
     await store.create_key(key)
-    await store.add_usage({(hour, key.id, "m"): UsageDelta(3, 30, 15, 1)}, {key.id: 123.0})
+    await store.add_usage(batch({(hour, key.id, "m"): UsageDelta(3, 30, 15, 1)}, {key.id: 123.0}))
     await store.close()
     fresh = await open_store()
     assert await fresh.get_key(key.id) == key
