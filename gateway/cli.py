@@ -53,12 +53,13 @@ def serve(args: argparse.Namespace) -> None:
     from gateway.app import create_app
 
     app = create_app(config, args.config or os.environ.get("GATEWAY_CONFIG"), file_config)
+    gateway = app.app.state.gateway  # (the FrontDoor create_app returns wraps the Litestar app)
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
             # Before uvicorn waits out the requests in flight: the ones that only wait in the
             # queue are answered now (503, retry elsewhere) rather than cut at the grace period.
-            app.app.state.gateway.begin_shutdown()
+            gateway.begin_shutdown()
             await super().shutdown(sockets)
 
     uvicorn_config = uvicorn.Config(

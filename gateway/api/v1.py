@@ -209,14 +209,15 @@ async def serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) 
 
 async def _admitted(gateway: Gateway, exchange: Exchange, principal: Principal, route: Route, endpoint: Endpoint,
                     body: dict[str, Any], raw: bytes) -> tuple[Lease, list[Backend]]:
-    """A backend ready and a slot on it (the lease, and the backends chosen, best first). Waiting for either ends at once when the gateway begins
-    to shut down (Gateway.begin_shutdown cancels the wait), as a 503 to retry elsewhere."""
+    """A backend ready and a slot on it: the lease, and the backends chosen, best first. Waiting
+    for either ends at once when the gateway begins to shut down (Gateway.begin_shutdown cancels
+    the wait), as a 503 to retry elsewhere."""
+    if gateway.closing:
+        raise BackendUnavailable(SHUTTING_DOWN, headers={"retry-after": "1"})
     task = asyncio.current_task()
     assert task is not None
     gateway.admitting.add(task)
     try:
-        if gateway.closing:
-            raise asyncio.CancelledError
         if not any(b.ready for b in route.backends):
             # Starts a stopped on-demand backend (one start shared by concurrent callers) or waits
             # for one on its way; BackendUnavailable when none can be ready within the queue's wait.
