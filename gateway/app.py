@@ -59,12 +59,12 @@ class Gateway:
         self._file_config = file_config or config  # as written, before --host/--port
         self._reload_lock = asyncio.Lock()
         self._started = False  # the lifespan has opened everything
+        self._reload_waiting = False  # a SIGHUP came before that
         # Shutting down (the server stopped accepting): requests waiting for admission or for a
         # backend to start are answered 503 at once, so clients retry elsewhere, not at the end
         # of the grace period with a 500.
         self.closing = False
         self.admitting: set[asyncio.Task[Any]] = set()
-        self._reload_waiting = False  # a SIGHUP came before that
         self.started = int(time.time())
         self.redis = _redis_client(config.store.url) if config.store.url else None
         self.store = open_store(config, self.redis)
@@ -121,7 +121,7 @@ class Gateway:
             yield
 
     def begin_shutdown(self) -> None:
-        """The server stops accepting: what only waits is told to go now (v1.serve answers it)."""
+        """The server stops accepting: what only waits is told to go now (v1._admitted answers it)."""
         self.closing = True
         for task in list(self.admitting):
             task.cancel()
