@@ -82,7 +82,7 @@ async def test_only_a_send_that_waits_past_the_bound_is_cut() -> None:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     config = {
-        "server": {"send_timeout": "1s"},
+        "server": {"send_timeout": "2s"},
         "backends": [{
             "name": "vllm", "runtime": "vllm", "model": "Qwen/Qwen3-0.6B", "serves": ["talker"],
             "binary": [sys.executable, str(FAKES / "fake_vllm.py")], "slots": 1, "context": 10_000_000,
@@ -167,17 +167,18 @@ def test_a_slow_reader_is_not_cut(gateway: GatewayProcess) -> None:
     # bound is on one send's wait, not on the stream (the clock starting over at each send is
     # pinned exactly by the first test).
     key = gateway.new_key()
-    # About 4 MB of events, more than the sockets between hold; read at about 2 MB/s, in bites
-    # of 512 KiB with pauses, so each send waits a while (Linux wakes a writer only once a good
-    # part of its buffer was read), and none waits near send_timeout.
+    # About 8 MB of events, more than the sockets between hold; read in bites of 512 KiB with
+    # short pauses, so each send waits a while (Linux wakes a writer only once a good part of its
+    # buffer, megabytes on loopback, was read: a few bites), and none waits near send_timeout,
+    # even on a slow machine (with 0.25 s pauses, a 2.4x slower machine saw one cut).
     sock = stuck_client(gateway, key, "/v1/chat/completions", {
-        "model": "talker", "stream": True, "max_tokens": 20000, "messages": [{"role": "user", "content": "Talk."}]})
+        "model": "talker", "stream": True, "max_tokens": 40000, "messages": [{"role": "user", "content": "Talk."}]})
     received = bytearray()
     started = time.monotonic()
     sock.settimeout(0.05)
     try:
         while not received.endswith(b"0\r\n\r\n") and time.monotonic() - started < 60:
-            time.sleep(0.25)
+            time.sleep(0.12)
             bite = len(received) + 512 * 1024
             while len(received) < bite:
                 try:
@@ -191,4 +192,4 @@ def test_a_slow_reader_is_not_cut(gateway: GatewayProcess) -> None:
         sock.close()
     assert received.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in received
     assert len(received) > 3_000_000
-    assert time.monotonic() - started > 2  # the answer took more than send_timeout and a look to read
+    assert time.monotonic() - started > 2.5  # the answer took more than send_timeout (2 s) and a look to read
