@@ -992,21 +992,24 @@ def derive(results: dict[str, Any]) -> None:
         t.append({"target": name, "measured": value, "goal": goal,
                   "result": "n/a" if ok is None else ("pass" if ok else "FAIL"), "note": note})
 
+    def ratio(name: str, value: float | None, goal: float, note: str = "") -> None:
+        target(name, _x(value), f">= {goal:g}x", None if value is None else value >= goal, note)
+
+    def not_run(name: str, label: str) -> None:
+        why = _get(http, label, "unavailable") or _get(http, label, "error") or "not run"
+        target(name, None, "-", None, str(why)[:200])
+
+    def vs_direct(d: dict[str, Any], where: str) -> None:
+        ratio(f"non-streamed req/s vs direct ({where})", d["nonstream_vs_direct"], TARGETS["ns_vs_direct"])
+        ratio(f"streamed req/s vs direct ({where})", d["stream_vs_direct"], TARGETS["stream_vs_direct"])
+
     for label, key in (("gateway", "embedded store"), ("gateway_redis", "Redis store")):
         d = _get(http, label, "derived")
         if not d:
-            why = _get(http, label, "unavailable") or _get(http, label, "error") or "not run"
-            target(f"all throughput/latency targets ({key})", None, "-", None, str(why)[:200])
+            not_run(f"all throughput/latency targets ({key})", label)
             continue
-        v = d["nonstream_vs_litellm"]
-        target(f"non-streamed req/s vs LiteLLM ({key})", _x(v), f">= {TARGETS['ns_vs_litellm']:g}x",
-               None if v is None else v >= TARGETS["ns_vs_litellm"])
-        v = d["nonstream_vs_direct"]
-        target(f"non-streamed req/s vs direct ({key})", _x(v), f">= {TARGETS['ns_vs_direct']:g}x",
-               None if v is None else v >= TARGETS["ns_vs_direct"])
-        v = d["stream_vs_direct"]
-        target(f"streamed req/s vs direct ({key})", _x(v), f">= {TARGETS['stream_vs_direct']:g}x",
-               None if v is None else v >= TARGETS["stream_vs_direct"])
+        ratio(f"non-streamed req/s vs LiteLLM ({key})", d["nonstream_vs_litellm"], TARGETS["ns_vs_litellm"])
+        vs_direct(d, key)
         limit = TARGETS["cpu_us_embedded"] if label == "gateway" else TARGETS["cpu_us_redis"]
         v = d["nonstream_cpu_us"]
         target(f"gateway CPU per non-streamed request ({key})", None if v is None else f"{v:g} us",
@@ -1023,19 +1026,12 @@ def derive(results: dict[str, Any]) -> None:
             where = f"{key}, issue's reference upstream"
             d = _get(http, label, "derived")
             if not d:
-                why = _get(http, label, "unavailable") or _get(http, label, "error") or "not run"
-                target(f"throughput targets ({where})", None, "-", None, str(why)[:200])
+                not_run(f"throughput targets ({where})", label)
                 continue
-            v = d["nonstream_vs_direct"]
-            target(f"non-streamed req/s vs direct ({where})", _x(v), f">= {TARGETS['ns_vs_direct']:g}x",
-                   None if v is None else v >= TARGETS["ns_vs_direct"])
-            v = d["stream_vs_direct"]
-            target(f"streamed req/s vs direct ({where})", _x(v), f">= {TARGETS['stream_vs_direct']:g}x",
-                   None if v is None else v >= TARGETS["stream_vs_direct"])
+            vs_direct(d, where)
     llama = results.get("llama") or {}
-    v = llama.get("ratio")
-    target("llama-server tokens/s through the gateway vs direct", _x(v), f">= {TARGETS['llama_ratio']:g}x",
-           None if v is None else v >= TARGETS["llama_ratio"], str(llama.get("error", ""))[:200])
+    ratio("llama-server tokens/s through the gateway vs direct", llama.get("ratio"), TARGETS["llama_ratio"],
+          str(llama.get("error", ""))[:200])
     hold = _get(http, "gateway", "hold") or {}
     if hold.get("rounds"):
         errors = hold["errors"]
