@@ -44,18 +44,16 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway import metrics
 from gateway.admission import keys
 from gateway.admission.base import WINDOW, Admission, Disconnected, Lease, Slot, Ticket, Usage
 from gateway.admission.memory import MemoryAdmission, refusal, show_mode, too_large
 from gateway.errors import BackendUnavailable, ClientClosedRequest
+from gateway.store.redis import OUTAGE  # (a script error is a bug, and is not one of these)
 
 log = logging.getLogger("gateway.admission")
 
-# What an unreachable Redis looks like (a script error is a bug, and is not one of these).
-OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
 LISTEN_BLOCK = 2.0  # seconds one BLMPOP waits for grants
 TIMER_SLACK = 0.01  # wake a little after a window frees, so grants close together go in one dispatch
 # How long a finished request's release may wait to ride along with this replica's next acquire

@@ -14,14 +14,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 from litestar import Request, Response, delete, get, patch, post
 from msgspec import UNSET, Meta, Struct, UnsetType
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway import keys
 from gateway.auth import require_admin
 from gateway.errors import BackendUnavailable, InvalidRequest
 from gateway.openai import decode_as, encode
 from gateway.store.base import hour_of
+from gateway.store.redis import OUTAGE
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -134,8 +133,6 @@ def _gateway(request: Request[Any, Any, Any]) -> Gateway:
     return request.app.state.gateway  # type: ignore[no-any-return]
 
 
-# How redis-py (and the socket under it) fails when Redis is down or does not answer in time.
-STORE_OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
 Handler = Callable[..., Awaitable[Response[Any]]]
 
 
@@ -147,7 +144,7 @@ def _store_outage_is_503(handler: Handler) -> Handler:
     async def answer(*args: Any, **kwargs: Any) -> Response[Any]:
         try:
             return await handler(*args, **kwargs)
-        except STORE_OUTAGE as exc:
+        except OUTAGE as exc:
             log.warning("%s: the key store is unreachable (%s)", handler.__name__, exc)
             raise BackendUnavailable("The gateway cannot reach its key store; try again shortly.",
                                      headers={"retry-after": "1"}) from None

@@ -16,13 +16,19 @@ from collections.abc import AsyncIterator
 
 import redis.asyncio as redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.keyspace import Keyspace
 from gateway.store.base import (BATCH_ID_TTL, USAGE_FIELDS, ApiKey, KeyChange, Store, UsageBatch, UsageDelta,
                                 UsageKey)
 
 log = logging.getLogger("gateway.store")
+
+# What an unreachable or silent Redis looks like to its callers (an error reply is not one): the
+# admission's circuit opens on these, and the admin API answers them with a 503.
+OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
 
 
 class RedisStore(Store):
