@@ -58,7 +58,7 @@ class Gateway:
         self.config_path = config_path
         self._file_config = file_config or config  # as written, before --host/--port
         self._reload_lock = asyncio.Lock()
-        self._started = False  # the lifespan has opened everything
+        self._opened = False  # the lifespan has opened everything (`started` is the start time)
         self._reload_waiting = False  # a SIGHUP came before that
         # Shutting down (the server stopped accepting): requests waiting for admission or for a
         # backend to start are answered 503 at once, so clients retry elsewhere, not at the end
@@ -114,7 +114,7 @@ class Gateway:
             stack.push_async_callback(self.loads.stop)
             await self.sends.start()
             stack.push_async_callback(self.sends.stop)
-            self._started = True
+            self._opened = True
             if self._reload_waiting:
                 self._reload_on_signal()
             _settle_garbage_collector()
@@ -127,7 +127,7 @@ class Gateway:
             task.cancel()
 
     def _reload_on_signal(self) -> None:
-        if not self._started:
+        if not self._opened:
             if not self._reload_waiting:
                 log.info("SIGHUP while starting: the config is re-read once the gateway has started")
             self._reload_waiting = True
