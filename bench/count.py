@@ -10,10 +10,11 @@ process executed are divided by the number of requests. Two runs of the same cod
 about 0.2 %. Instructions are not time (a cache miss costs more than an add), but a change that
 takes out work shows up here at once, and exactly.
 
-    python bench/count.py [--requests 300] [--redis] [--save]
+    python bench/count.py [--requests 300] [--redis] [--passthrough] [--save]
 
 The full pipeline is counted (key check, admission, routing, the upstream call, metrics, usage),
-on the embedded store, and with --redis on a Redis store too. Needs valgrind and hey
+on the embedded store, and with --redis on a Redis store too; --passthrough counts bench/passthrough.py
+first, the stack alone, so the pipeline's own share can be read off. Needs valgrind and hey
 (`make bench-deps`).
 """
 
@@ -37,34 +38,26 @@ BODY = {"model": "fake", "messages": [{"role": "user", "content": "Say hello in 
 CONCURRENCY = 4
 
 
-class CountedGateway:
-    """The gateway under callgrind, counting only while told to."""
+class Counted:
+    """A server under callgrind, counting only while told to: `argv` after the valgrind part."""
 
-    def __init__(self, procs: Processes, work: Path, upstream: str, store_url: str | None) -> None:
+    key: str | None = None
+
+    def __init__(self, procs: Processes, work: Path, label: str, argv: list[str],
+                 env: dict[str, str] | None = None) -> None:
         self.procs, self.work = procs, work
-        label = "redis" if store_url else "embedded"
-        config = {"data_dir": str(work / f"{label}-data"), "admin": {"key": ADMIN_KEY},
-                  "backends": [{"name": "fake", "runtime": "openai", "url": upstream, "serves": ["fake"],
-                                "slots": 256}],
-                  **({"store": {"url": store_url}} if store_url else {})}
-        path = work / f"{label}.yaml"
-        path.write_text(json.dumps(config))
         self.port = free_port()
         self.base = f"http://{HOST}:{self.port}"
         self.out = work / f"callgrind-{label}"
-        self.proc = procs.start(f"gateway-{label}", [
+        self.proc = procs.start(label, [
             "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={self.out}.%p",
-            PY, "-m", "gateway", "serve", "--config", str(path), "--port", str(self.port)], cwd=ROOT)
-        wait_ready(self.base + "/ready", self.proc, 300)  # start-up runs under valgrind too: slow
-        reply = httpx.post(self.base + "/admin/keys", json={"name": "count"},
-                           headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
-        reply.raise_for_status()
-        self.key = reply.json()["key"]
+            *[arg.replace("{port}", str(self.port)) for arg in argv]], env=env, cwd=ROOT)
 
     def load(self, requests: int, stream: bool) -> None:
         body = {**BODY, **({"stream": True, "stream_options": {"include_usage": True}} if stream else {})}
+        auth = ["-H", f"Authorization: Bearer {self.key}"] if self.key else []
         out = self.procs.run("hey", ["hey", "-n", str(requests), "-c", str(CONCURRENCY), "-m", "POST",
-                                     "-T", "application/json", "-H", f"Authorization: Bearer {self.key}",
+                                     "-T", "application/json", *auth,
                                      "-d", json.dumps(body), self.base + CHAT], timeout=900)
         ok = sum(int(n) for code, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out) if code.startswith("2"))
         if ok != requests:
@@ -87,11 +80,44 @@ class CountedGateway:
         subprocess.run(["callgrind_control", flag, str(self.proc.pid)], check=True, capture_output=True, timeout=120)
 
 
+class CountedPassthrough(Counted):
+    """bench/passthrough.py (the stack alone: Litestar + aiohttp, no pipeline), for comparison."""
+
+    def __init__(self, procs: Processes, work: Path, upstream: str) -> None:
+        super().__init__(procs, work, "passthrough", [
+            PY, "-m", "uvicorn", "passthrough:app", "--app-dir",
+            str(ROOT / "bench"), "--host", HOST, "--port", "{port}", "--loop", "uvloop", "--http", "httptools",
+            "--no-access-log", "--log-level", "warning"], env={"PASSTHROUGH_UPSTREAM": upstream})
+        wait_ready(self.base + "/health", self.proc, 300)
+
+
+class CountedGateway(Counted):
+    """The gateway, with a key made through the admin API so the whole pipeline runs."""
+
+    def __init__(self, procs: Processes, work: Path, upstream: str, store_url: str | None) -> None:
+        label = "redis" if store_url else "embedded"
+        config = {"data_dir": str(work / f"{label}-data"), "admin": {"key": ADMIN_KEY},
+                  "backends": [{"name": "fake", "runtime": "openai", "url": upstream, "serves": ["fake"],
+                                "slots": 256}],
+                  **({"store": {"url": store_url}} if store_url else {})}
+        path = work / f"{label}.yaml"
+        path.write_text(json.dumps(config))
+        super().__init__(procs, work, f"gateway-{label}",
+                         [PY, "-m", "gateway", "serve", "--config", str(path), "--port", "{port}"])
+        wait_ready(self.base + "/ready", self.proc, 300)  # start-up runs under valgrind too: slow
+        reply = httpx.post(self.base + "/admin/keys", json={"name": "count"},
+                           headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+        reply.raise_for_status()
+        self.key = reply.json()["key"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=300, help="counted requests of each kind (default 300)")
     parser.add_argument("--rounds", type=int, default=2, help="counted rounds; the lowest is kept (default 2)")
     parser.add_argument("--redis", action="store_true", help="also on a Redis store (a redis-server of our own)")
+    parser.add_argument("--passthrough", action="store_true",
+                        help="also bench/passthrough.py, the stack alone (Litestar + aiohttp, no pipeline)")
     parser.add_argument("--save", action="store_true", help="write bench/results/count-latest.json")
     args = parser.parse_args()
     for tool in ("valgrind", "callgrind_control", "hey"):
@@ -109,6 +135,8 @@ def main() -> int:
                                     "httptools", "--no-access-log", "--log-level", "warning"])
         wait_ready(f"http://{HOST}:{upstream}/health", fake, 30)
         stores: list[tuple[str, str | None]] = [("embedded", None)]
+        if args.passthrough:
+            stores.insert(0, ("passthrough", None))
         if args.redis:
             port = free_port()
             procs.start("redis", ["redis-server", "--port", str(port), "--bind", HOST, "--save", "",
@@ -116,8 +144,9 @@ def main() -> int:
             stores.append(("redis", f"redis://{HOST}:{port}/0"))
             time.sleep(0.5)
         for label, store_url in stores:
-            log(f"{label}: starting the gateway under callgrind")
-            gateway = CountedGateway(procs, work, f"http://{HOST}:{upstream}", store_url)
+            log(f"{label}: starting it under callgrind")
+            gateway: Counted = (CountedPassthrough(procs, work, f"http://{HOST}:{upstream}") if label == "passthrough"
+                                else CountedGateway(procs, work, f"http://{HOST}:{upstream}", store_url))
             gateway.load(200, False)  # warm-up, not counted: imports, first-use caches, the pool
             gateway.load(200, True)
             row: dict[str, float] = {}
@@ -130,7 +159,7 @@ def main() -> int:
     finally:
         procs.stop_all()
 
-    print("\n| store | instructions per non-streamed request | per streamed request (22 chunks) |\n|---|---|---|")
+    print("\n| server | instructions per non-streamed request | per streamed request (22 chunks) |\n|---|---|---|")
     for label, row in results.items():
         print(f"| {label} | {row['non-streamed'] / 1000:,.1f}k | {row['streamed'] / 1000:,.1f}k |")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()

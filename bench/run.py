@@ -744,7 +744,8 @@ def phase_reference(bench: Bench, skip: set[str], http: dict[str, Any]) -> None:
         cpu = {"upstream": upstream.pid}
         http["direct_ref"] = _row("direct-ref", lambda: bench.measure("direct-ref", ref, None, "fake", cpu,
                                                                       openloop=False))
-        http["passthrough_ref"] = _row("passthrough-ref", lambda: phase_passthrough(bench, ref, upstream.pid))
+        http["passthrough_ref"] = _row("passthrough-ref", lambda: phase_passthrough(bench, "passthrough-ref", ref,
+                                                                                upstream.pid, openloop=False))
         http["gateway_ref"] = _row("gateway-ref", lambda: phase_gateway(bench, "gateway-ref", ref, None, upstream.pid,
                                                                         openloop=False))
         if "redis" not in skip:
@@ -753,14 +754,16 @@ def phase_reference(bench: Bench, skip: set[str], http: dict[str, Any]) -> None:
         bench.procs.stop(upstream)
 
 
-def phase_passthrough(bench: Bench, upstream: str, upstream_pid: int) -> dict[str, Any]:
-    """bench/passthrough.py in front of `upstream`: the control row (no auth, admission, routing, metrics, usage)."""
-    base, proc = bench.start_fake("passthrough-ref", {"PASSTHROUGH_UPSTREAM": upstream}, app="passthrough:app")
+def phase_passthrough(bench: Bench, label: str, upstream: str, upstream_pid: int,
+                      openloop: bool = True) -> dict[str, Any]:
+    """bench/passthrough.py in front of `upstream`: the control row (no auth, admission, routing,
+    metrics, usage), what the stack alone costs in the same run."""
+    base, proc = bench.start_fake(label, {"PASSTHROUGH_UPSTREAM": upstream}, app="passthrough:app")
     try:
         result: dict[str, Any] = {"pid": proc.pid, "rss_mib_start": _r(rss_mib(proc.pid), 1)}
-        log(f"passthrough-ref: up at {base}")
-        result.update(bench.measure("passthrough-ref", base, None, "fake",
-                                    {"gateway": proc.pid, "upstream": upstream_pid}, openloop=False))
+        log(f"{label}: up at {base}")
+        result.update(bench.measure(label, base, None, "fake", {"gateway": proc.pid, "upstream": upstream_pid},
+                                    openloop=openloop))
         result["rss_mib_after_load"] = _r(rss_mib(proc.pid), 1)
         return result
     finally:
@@ -999,9 +1002,18 @@ def derive(results: dict[str, Any]) -> None:
         why = _get(http, label, "unavailable") or _get(http, label, "error") or "not run"
         target(name, None, "-", None, str(why)[:200])
 
-    def vs_direct(d: dict[str, Any], where: str) -> None:
-        ratio(f"non-streamed req/s vs direct ({where})", d["nonstream_vs_direct"], TARGETS["ns_vs_direct"])
-        ratio(f"streamed req/s vs direct ({where})", d["stream_vs_direct"], TARGETS["stream_vs_direct"])
+    floor = _get(http, "passthrough", "derived") or {}
+
+    def stack(name: str, fmt: str = "{:g}") -> str:
+        """The same figure for the minimal passthrough in this run (the stack alone), as a note."""
+        v = floor.get(name)
+        return "" if v is None else "stack alone (minimal passthrough): " + fmt.format(v)
+
+    def vs_direct(d: dict[str, Any], where: str, notes: bool = False) -> None:
+        ratio(f"non-streamed req/s vs direct ({where})", d["nonstream_vs_direct"], TARGETS["ns_vs_direct"],
+              stack("nonstream_vs_direct", "{:.3f}x") if notes else "")
+        ratio(f"streamed req/s vs direct ({where})", d["stream_vs_direct"], TARGETS["stream_vs_direct"],
+              stack("stream_vs_direct", "{:.3f}x") if notes else "")
 
     for label, key in (("gateway", "embedded store"), ("gateway_redis", "Redis store")):
         d = _get(http, label, "derived")
@@ -1009,18 +1021,20 @@ def derive(results: dict[str, Any]) -> None:
             not_run(f"all throughput/latency targets ({key})", label)
             continue
         ratio(f"non-streamed req/s vs LiteLLM ({key})", d["nonstream_vs_litellm"], TARGETS["ns_vs_litellm"])
-        vs_direct(d, key)
+        vs_direct(d, key, notes=True)
         limit = TARGETS["cpu_us_embedded"] if label == "gateway" else TARGETS["cpu_us_redis"]
         v = d["nonstream_cpu_us"]
         target(f"gateway CPU per non-streamed request ({key})", None if v is None else f"{v:g} us",
-               f"<= {limit:g} us", None if v is None else v <= limit)
+               f"<= {limit:g} us", None if v is None else v <= limit, stack("nonstream_cpu_us", "{:g} us"))
         for q, goal in (("p50", TARGETS["added_p50_ms"]), ("p99", TARGETS["added_p99_ms"])):
             v = d[f"added_{q}_ms"]
             target(f"added latency {q} at {results['settings']['rate']:g} req/s ({key})",
-                   None if v is None else f"{v:g} ms", f"<= {goal:g} ms", None if v is None else v <= goal)
+                   None if v is None else f"{v:g} ms", f"<= {goal:g} ms", None if v is None else v <= goal,
+                   stack(f"added_{q}_ms", "{:g} ms"))
         v = d["added_ttft_p50_ms"]
         target(f"added TTFT p50 at {results['settings']['rate']:g} req/s ({key})", None if v is None else f"{v:g} ms",
-               f"<= {TARGETS['added_ttft_p50_ms']:g} ms", None if v is None else v <= TARGETS["added_ttft_p50_ms"])
+               f"<= {TARGETS['added_ttft_p50_ms']:g} ms", None if v is None else v <= TARGETS["added_ttft_p50_ms"],
+               stack("added_ttft_p50_ms", "{:g} ms"))
     if any(name.endswith("_ref") for name in http):
         for label, key in (("gateway_ref", "embedded store"), ("gateway_redis_ref", "Redis store")):
             where = f"{key}, issue's reference upstream"
@@ -1079,8 +1093,9 @@ def render_markdown(results: dict[str, Any]) -> str:
     ]
     notes = results.get("notes") or []
     http = results["http"]
-    rows = [("direct", "direct to upstream"), ("gateway", "gateway, embedded store"),
-            ("gateway_redis", "gateway, Redis store"), ("litellm", "LiteLLM Proxy")]
+    rows = [("direct", "direct to upstream"), ("passthrough", "minimal passthrough (Litestar + aiohttp)"),
+            ("gateway", "gateway, embedded store"), ("gateway_redis", "gateway, Redis store"),
+            ("litellm", "LiteLLM Proxy")]
     lines += [
         "## Fake upstream, fixed concurrency and fixed rate",
         "",
@@ -1097,8 +1112,12 @@ def render_markdown(results: dict[str, Any]) -> str:
         _fmt(d["added_ttft_p50_ms"]), _errors_cell(r), _fmt(d["other_load_max"])])
     lines += ["", "Other load = the most cores that processes outside the bench used during one of that row's four "
               "measured runs (the machine is shared; above ~0.3 the row's figures are pessimistic).", ""]
+    if _get(http, "passthrough", "derived"):
+        lines += ["The minimal passthrough (bench/passthrough.py: Litestar + aiohttp, the body forwarded as bytes, no "
+                  "auth, admission, routing, metrics or usage) is the floor of the stack: what the server and the "
+                  "upstream client cost alone, in the same run. The targets' notes compare with it.", ""]
     lines += _costs(http, "direct", "gateway_redis", "The fake upstream")
-    for key, title in rows[1:]:
+    for key, title in rows[2:]:
         r = http.get(key) or {}
         if r.get("auth"):
             lines.append(f"Auth ({title}): {r['auth']}.")
@@ -1271,7 +1290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llama-max-tokens", type=int, default=128)
     parser.add_argument("--llama-rounds", type=int, default=4)
     parser.add_argument("--llama-threads", type=int, default=0, help="llama-server --threads (default: cores - 1)")
-    parser.add_argument("--skip", default="", help="comma list of: redis,reference,litellm,llama,hold")
+    parser.add_argument("--skip", default="", help="comma list of: passthrough,redis,reference,litellm,llama,hold")
     parser.add_argument("--quiet-cores", type=float, default=0.3,
                         help="before each measured run, wait until other processes use fewer cores than this")
     parser.add_argument("--quiet-budget", type=float, default=180,
@@ -1333,6 +1352,8 @@ def main(argv: list[str] | None = None) -> int:
 
         log("direct: to the upstream")
         http["direct"] = bench.measure("direct", fast, None, "fake", {"upstream": fake.pid})
+        if "passthrough" not in skip:
+            http["passthrough"] = _row("passthrough", lambda: phase_passthrough(bench, "passthrough", fast, fake.pid))
 
         try:
             http["gateway"] = phase_gateway(bench, "gateway", fast, slow, fake.pid, profile=args.profile)
