@@ -21,8 +21,6 @@ import time
 import uuid
 from typing import Any
 
-FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter", "function_call")
-
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"

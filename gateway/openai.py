@@ -167,17 +167,10 @@ def wants_usage(request: dict[str, Any]) -> bool:
 # --- SSE framing ---------------------------------------------------------------------------
 
 DONE = b"data: [DONE]\n\n"
-# Sent while a streaming request waits (queue, backend start) so proxies and clients keep the
-# connection; every SSE client ignores comment lines.
-KEEPALIVE = b": waiting\n\n"
 
 
 def sse(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
-
-
-def sse_error(error: dict[str, Any]) -> bytes:
-    return sse(_encoder.encode(error))
 
 
 def usage_object(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
