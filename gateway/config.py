@@ -128,6 +128,9 @@ class LimitsConfig(_Section):
 class QueueConfig(_Section):
     max_wait: Seconds = 30.0
     max_depth: int = Field(default=1000, ge=0)
+    # Places one key may hold in the queue: without it one client (or one key blocked by its own
+    # rpm) could fill every place and turn every other key away with "queue full".
+    max_per_key: int = Field(default=100, ge=1)
     # Redis admission: how long a slot or queue entry lives without renewal (a replica killed
     # with SIGKILL frees its slots within this), and what to do when Redis is unreachable.
     lease_ttl: Seconds = 10.0

@@ -159,7 +159,7 @@ queue_wait = Histogram("gateway_queue_wait_seconds", "Time a request waited for 
                        ["model", "outcome"], buckets=_LATENCY, registry=REGISTRY)
 rate_limited = Counter(
     "gateway_rate_limited_total",
-    "Requests refused by admission, by reason (rpm, tpm, concurrency, queue_full, queue_timeout, too_large, capacity).",
+    "Requests refused by admission, by reason (rpm, tpm, concurrency, queue_full, key_queue_full, queue_timeout, too_large, capacity).",
     ["model", "reason"], registry=REGISTRY,
 )
 rejected = Counter(

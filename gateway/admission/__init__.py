@@ -15,9 +15,9 @@ def open_admission(config: Config, redis_client: Any = None) -> Admission:
     if config.store.url and redis_client is not None:
         from gateway.admission.redis import RedisAdmission
 
-        return RedisAdmission(redis_client, max_depth=queue.max_depth, lease_ttl=queue.lease_ttl,
-                              failure_mode=queue.redis_failure, replicas=queue.replicas)
-    return MemoryAdmission(max_depth=queue.max_depth)
+        return RedisAdmission(redis_client, max_depth=queue.max_depth, max_per_key=queue.max_per_key,
+                              lease_ttl=queue.lease_ttl, failure_mode=queue.redis_failure, replicas=queue.replicas)
+    return MemoryAdmission(max_depth=queue.max_depth, max_per_key=queue.max_per_key)
 
 
 __all__ = ["Admission", "Lease", "Limits", "MemoryAdmission", "Slot", "Ticket", "Usage", "open_admission"]

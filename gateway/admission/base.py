@@ -11,7 +11,8 @@ rules, checked by one contract suite (tests/admission/):
   - per key: `rpm` requests and `tpm` tokens in any 60-second window (a sliding log, so a fresh
     key may spend its whole minute at once but never more in any window), `max_concurrency`;
   - per backend: never more requests at once than its `slots`;
-  - the queue: at most `max_depth` waiting, each for at most its `max_wait`; across keys
+  - the queue: at most `max_depth` waiting, `max_per_key` of them for one key, each for at most
+    its `max_wait`; across keys
     start-time fair queuing weighted by token cost (a key with a backlog cannot starve a key
     that sends one request); within a key by priority, then arrival; a key blocked only by its
     own rate limit is skipped, not waited behind.

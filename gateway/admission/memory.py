@@ -83,9 +83,10 @@ class MemoryLease(Lease):
 class MemoryAdmission(Admission):
     mode = "memory"
 
-    def __init__(self, *, max_depth: int, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, *, max_depth: int, max_per_key: int | None = None, clock: Callable[[], float] = time.monotonic,
                  share: float = 1.0, window: float = WINDOW) -> None:
         self._max_depth = max_depth
+        self._max_per_key = max_depth if max_per_key is None else max_per_key
         self._window = window
         self._clock = clock
         # A Redis replica in `local` fallback enforces its share of each limit (1 / replicas).
@@ -112,9 +113,12 @@ class MemoryAdmission(Admission):
         if self._waiting == 0:  # nobody queued: the common, uncontended case
             if self._blocked(key, ticket, now) is None and (backend := self._free_slot(ticket.backends)):
                 return self._grant(key, ticket, backend, now, waited=0.0)
-        if self._waiting >= self._max_depth or ticket.max_wait <= 0:
-            reason = "queue_full" if self._waiting >= self._max_depth else self._blocked(key, ticket, now) or "capacity"
-            raise self._refusal(ticket, key, reason, now)
+        if self._waiting >= self._max_depth:
+            raise self._refusal(ticket, key, "queue_full", now)
+        if ticket.max_wait <= 0:
+            raise self._refusal(ticket, key, self._blocked(key, ticket, now) or "capacity", now)
+        if len(key.queue) >= self._max_per_key:
+            raise self._refusal(ticket, key, "key_queue_full", now)
         waiter = _Waiter(ticket, (-ticket.limits.priority, next(self._ids)),
                          asyncio.get_running_loop().create_future(), now)
         if not key.queue:
@@ -371,6 +375,8 @@ def refusal(ticket: Ticket, reason: str, usage: Usage, retry_after: float, *, ti
     metrics.rate_limited.labels(ticket.model, label).inc()
     message = {
         "queue_full": "The gateway's queue is full; try again shortly.",
+        "key_queue_full": "This key already has as many requests waiting as one key may (queue.max_per_key); "
+                          "try again shortly.",
         "rpm": f"Rate limit reached: {usage.rpm} requests per minute for this key.",
         "tpm": f"Rate limit reached: {usage.tpm} tokens per minute for this key.",
         "concurrency": "Too many requests in flight for this key.",

@@ -114,8 +114,9 @@ class RedisLease(Lease):
 
 
 class RedisAdmission(Admission):
-    def __init__(self, client: aioredis.Redis, *, max_depth: int, window: float = WINDOW, lease_ttl: float = 10.0,
-                 failure_mode: str = "fail_closed", replicas: int = 1, probe_interval: float = 2.0) -> None:
+    def __init__(self, client: aioredis.Redis, *, max_depth: int, max_per_key: int | None = None,
+                 window: float = WINDOW, lease_ttl: float = 10.0, failure_mode: str = "fail_closed",
+                 replicas: int = 1, probe_interval: float = 2.0) -> None:
         # The scripts run on a client of their own, without a socket timeout: with one, redis-py
         # writes every command under asyncio.wait_for, a task and two more loop turns per call
         # (about 25 us of CPU each here). Each call is bounded by `_bounded` instead.
@@ -124,6 +125,7 @@ class RedisAdmission(Admission):
         self._call_timeout = client.connection_pool.connection_kwargs.get("socket_timeout") or CALL_TIMEOUT
         self._redis = _own_client(client, None, calls)
         self._max_depth = max_depth
+        self._max_per_key = max_depth if max_per_key is None else max_per_key
         self._window = window
         self._ttl = lease_ttl
         self._failure_mode = failure_mode
@@ -142,7 +144,8 @@ class RedisAdmission(Admission):
         self._sending = False  # an acquire.lua call is on its way
         self._release_timer: asyncio.TimerHandle | None = None
         # `local` mode: this replica's share of every limit while Redis is away.
-        self._fallback = (MemoryAdmission(max_depth=max_depth, share=1.0 / replicas, window=window)
+        self._fallback = (MemoryAdmission(max_depth=max_depth, max_per_key=max_per_key, share=1.0 / replicas,
+                                          window=window)
                           if failure_mode == "local" else None)
         self._up = True
         self._down_since: float | None = None
@@ -293,7 +296,8 @@ class RedisAdmission(Admission):
         left pending, except the inline caller's own when it is the one cancelled)."""
         releases = self._take_releases()
         try:
-            reply = await self._run("acquire", self._max_depth, *releases, len(batch), *[a.request for a in batch])
+            reply = await self._run("acquire", self._max_depth, self._max_per_key, *releases, len(batch),
+                                    *[a.request for a in batch])
         except OUTAGE as exc:
             self._trip(exc)  # the releases are lost with it: those leases expire, unrenewed
             for admission in batch:

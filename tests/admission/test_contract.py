@@ -30,8 +30,8 @@ class Admissions:
         self._made: list[Admission] = []
         self._clients: list[aioredis.Redis] = []
 
-    async def memory(self, max_depth: int = 1000) -> Admission:
-        return await self._started(MemoryAdmission(max_depth=max_depth, window=WINDOW))
+    async def memory(self, max_depth: int = 1000, max_per_key: int | None = None) -> Admission:
+        return await self._started(MemoryAdmission(max_depth=max_depth, max_per_key=max_per_key, window=WINDOW))
 
     async def redis(self, redis_url: str, max_depth: int = 1000, lease_ttl: float = 5.0,
                     **kwargs: Any) -> RedisAdmission:
@@ -174,6 +174,23 @@ async def test_queue_depth_is_bounded(make_admission: MakeAdmission) -> None:
     assert "queue is full" in info.value.message
     await holder.release()
     for task in waiting:
+        await (await asyncio.wait_for(task, 5)).release()
+
+
+async def test_one_key_cannot_take_every_place_in_the_queue(make_admission: MakeAdmission) -> None:
+    # The audit's case: a key held by its own rpm sends more; its waiting requests used to fill
+    # the whole queue, so another key with no limits on an idle backend got "queue is full".
+    admission = await make_admission(max_depth=5, max_per_key=2)
+    await (await admission.acquire(ticket("greedy", rpm=1))).release()
+    waiting = [asyncio.create_task(admission.acquire(ticket("greedy", rpm=1, max_wait=5))) for _ in range(2)]
+    await asyncio.sleep(0.2)
+    with pytest.raises(RateLimited) as info:
+        await admission.acquire(ticket("greedy", rpm=1, max_wait=5))
+    assert "max_per_key" in info.value.message and info.value.headers["retry-after"] == "1"
+    other = await asyncio.wait_for(admission.acquire(ticket("other", max_wait=5)), 2)  # still admitted at once
+    assert other.waited < 1.0
+    await other.release()
+    for task in waiting:  # the greedy key's own waiters are untouched: they pass when its window frees
         await (await asyncio.wait_for(task, 5)).release()
 
 

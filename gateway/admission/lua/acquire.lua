@@ -4,15 +4,16 @@
 -- the key; else refuse (queue full, or the request may not wait), or queue it and dispatch (which
 -- may grant it in the same call, if it is the fairest). Releases this replica gathered since its
 -- last call ride along and go first, so a busy replica needs no round trip for them.
--- ARGV[4..]: max depth, releases (see release_batch), the number of requests, then one argument
--- per request: entry, key, priority, may wait (1|0), then the ticket (see read_ticket), tab-separated.
+-- ARGV[4..]: max depth, max per key, releases (see release_batch), the number of requests, then one
+-- argument per request: entry, key, priority, may wait (1|0), then the ticket (see read_ticket),
+-- tab-separated.
 -- Answers {'batch', wake ms, {{status, grant | refusal | {}} per request}, grants for this replica};
 -- a grant as its message (tab-separated, as `deliver` sends it).
-local max_depth = tonumber(ARGV[4])
-local at = release_batch(5)
+local max_depth, max_per_key = tonumber(ARGV[4]), tonumber(ARGV[5])
+local at = release_batch(6)
 drop_expired()
 local wake, mine = -1, {}
-if ARGV[5] ~= '0' then wake, mine = dispatch() end  -- what the releases freed goes to the queue first
+if ARGV[6] ~= '0' then wake, mine = dispatch() end  -- what the releases freed goes to the queue first
 
 local function admit(entry, key, priority, may_wait, t)
   local depth = redis.call('ZCARD', K.queue)
@@ -28,6 +29,9 @@ local function admit(entry, key, priority, may_wait, t)
   end
   if not may_wait then
     return {'refused', refusal(key, t, blocked(key, t) or 'capacity')}
+  end
+  if redis.call('ZCARD', K.kq(key)) >= max_per_key then
+    return {'refused', refusal(key, t, 'key_queue_full')}
   end
   enqueue(entry, key, t, priority)
   local later, more = dispatch()
