@@ -59,10 +59,14 @@ def _matching(pattern: str, what: str) -> AfterValidator:
 
     def check(value: str) -> str:
         if not compiled.match(value):
-            raise ValueError(f"{value!r} is not {what}")
+            # The message reaches stderr and /admin/reload's answer: a URL's user:password is not shown.
+            raise ValueError(f"{_USERINFO.sub('//***@', value)!r} is not {what}")
         return value
 
     return AfterValidator(check)
+
+
+_USERINFO = re.compile(r"//[^/@\s]*@")
 
 
 Seconds = Annotated[float, BeforeValidator(_seconds), Field(gt=0)]
