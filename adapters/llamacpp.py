@@ -57,10 +57,13 @@ class LlamaCppAdapter(Adapter):
         if backend.embeddings:
             # Generative GGUFs default to pooling `none`, which the OpenAI embeddings route refuses.
             argv += ["--embeddings", "--pooling", "mean"]
+        env = {**self.gpu_env(backend), **backend.env}
         if backend.api_key:
-            argv += ["--api-key", backend.api_key]
+            # Not `--api-key`: any local user can read a command line (`ps`, /proc/PID/cmdline),
+            # only the process's owner its environment. Last, so it is the key the gateway sends.
+            env["LLAMA_API_KEY"] = backend.api_key
         # The operator's args come last: llama-server takes the last value of a repeated flag.
-        return Launch(argv + list(backend.args), {**self.gpu_env(backend), **backend.env})
+        return Launch(argv + list(backend.args), env)
 
     def version_command(self, backend: BackendConfig) -> Launch | None:
         return Launch([*find_binary(backend.binary), "--version"], dict(backend.env))

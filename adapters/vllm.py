@@ -34,10 +34,13 @@ class VllmAdapter(Adapter):
             "--max-num-seqs", str(backend.slots),
             "--max-model-len", str(backend.context),
         ]
+        env = {**self.gpu_env(backend), **backend.env}
         if backend.api_key:
-            argv += ["--api-key", backend.api_key]
+            # Not `--api-key`: any local user can read a command line (`ps`, /proc/PID/cmdline),
+            # only the process's owner its environment. Last, so it is the key the gateway sends.
+            env["VLLM_API_KEY"] = backend.api_key
         # The operator's args come last: vLLM's argparse takes the last value of a repeated flag.
-        return Launch(argv + list(backend.args), {**self.gpu_env(backend), **backend.env})
+        return Launch(argv + list(backend.args), env)
 
     def version_command(self, backend: BackendConfig) -> Launch | None:
         return Launch([*find_binary(backend.binary, "vllm"), "--version"], dict(backend.env))

@@ -15,16 +15,21 @@ import os
 import shlex
 import signal
 import sys
-from typing import Any
+from collections.abc import Collection, Mapping
+from typing import TYPE_CHECKING, Any
 
 from subprocess_tee import run
 
 from adapters.base import Launch
 from gateway.supervisor.logs import BackendLog
 
+if TYPE_CHECKING:
+    from gateway.config import Config
+
 KEEPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keeper.py")
 # Few threads: one-shot commands are rare (a start, a pull) and mostly wait.
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="oneshot")
+GATEWAY_PREFIX = "GATEWAY_"  # the gateway's own variables (GATEWAY_ADMIN_KEY, GATEWAY_CONFIG, ...)
 
 
 def keeper_argv(argv: list[str], *, grace: float, timeout: float | None = None, stop_on_eof: bool = False) -> list[str]:
@@ -36,6 +41,30 @@ def keeper_argv(argv: list[str], *, grace: float, timeout: float | None = None, 
     if stop_on_eof:
         out.append("--stop-on-eof")
     return [*out, "--", *argv]
+
+
+def gateway_secrets(config: Config) -> frozenset[str]:
+    """Every secret in the config: the admin key, the metrics token, each backend's API key,
+    and the store's URL (a Redis URL may carry a password)."""
+    values = [config.admin.key, config.metrics.token, config.store.url, *(b.api_key for b in config.backends)]
+    return frozenset(v for v in values if v)
+
+
+def child_env(launch_env: Mapping[str, str], secrets: Collection[str] = ()) -> dict[str, str]:
+    """The environment of a runtime or one-shot command: the gateway's own minus its secrets,
+    then `launch_env` (the adapter's variables and the backend's `env`) as it is.
+
+    Why filter: a runtime is someone else's program. Whatever it is given, it and everything it
+    spawns may print (into the backend log, served at /admin/backends/NAME/logs) or pass on. The
+    gateway's environment holds its own secrets: `make run` exports GATEWAY_ADMIN_KEY, and a
+    `${VAR}` in the config takes a secret from a variable of any name; `secrets` are those values.
+    The rest (PATH, HOME, CUDA_*, HF_*, OLLAMA_*, ...) is what runtimes need, so it goes through.
+    `launch_env` is not filtered: it is what this child is meant to have, its own API key too.
+    """
+    hidden = {value for value in secrets if value}
+    inherited = {name: value for name, value in os.environ.items()
+                 if not name.startswith(GATEWAY_PREFIX) and value not in hidden}
+    return {**inherited, **launch_env}
 
 
 class _LogWriter:
@@ -64,11 +93,12 @@ def _run(argv: list[str], env: dict[str, str], stdin: int, writer: _LogWriter) -
         return -1, f"{type(exc).__name__}: {exc}"
 
 
-async def run_logged(launch: Launch, log: BackendLog, *, what: str, timeout: float) -> int:
+async def run_logged(launch: Launch, log: BackendLog, *, what: str, timeout: float,
+                     secrets: Collection[str] = ()) -> int:
     """Run one command to completion with its output in `log`; returns its exit status (-1 when
-    it could not run). Cancelling this coroutine stops the command."""
+    it could not run). Cancelling this coroutine stops the command. `secrets`: see child_env."""
     loop = asyncio.get_running_loop()
-    env = {**os.environ, **launch.env}
+    env = child_env(launch.env, secrets)
     log.write(f"[gateway] {what}: {shlex.join(launch.argv)}")  # no secrets: version and pull take none
     read_end, write_end = os.pipe()  # the keeper's stdin; closing write_end stops the command
     writer = _LogWriter(loop, log)

@@ -58,7 +58,7 @@ import aiohttp
 from adapters.base import Adapter, Health, Launch
 from gateway import metrics
 from gateway.supervisor.logs import BackendLog
-from gateway.supervisor.oneshot import describe_status, keeper_argv, run_logged
+from gateway.supervisor.oneshot import child_env, describe_status, keeper_argv, run_logged
 
 if TYPE_CHECKING:
     from gateway.config import BackendConfig
@@ -152,7 +152,8 @@ class RuntimeProcess:
     def __init__(self, config: BackendConfig, adapter: Adapter, log_: BackendLog, probes: aiohttp.ClientSession,
                  *, inflight: Callable[[], int] = lambda: 0,
                  on_state: Callable[[State, State, str], None] | None = None,
-                 taken_ports: Callable[[], Collection[int]] = frozenset) -> None:
+                 taken_ports: Callable[[], Collection[int]] = frozenset,
+                 secrets: Callable[[], Collection[str]] = frozenset) -> None:
         self.config = config
         self.name = config.name
         self.adapter = adapter
@@ -161,6 +162,7 @@ class RuntimeProcess:
         self._inflight = inflight
         self._on_state = on_state
         self._taken_ports = taken_ports  # ports this backend must not be given (see free_port)
+        self._secrets = secrets  # the gateway's secrets, kept out of the child's environment (see child_env)
         self.state = State.STOPPED
         self.reason = ""
         self.port: int | None = None
@@ -416,7 +418,7 @@ class RuntimeProcess:
         ok = True
         for launch in launches:
             try:
-                code = await run_logged(launch, self.log, what=step, timeout=timeout)
+                code = await run_logged(launch, self.log, what=step, timeout=timeout, secrets=self._hidden())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - reported; a one-shot never breaks the owner
@@ -442,7 +444,7 @@ class RuntimeProcess:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                env={**os.environ, **launch.env},
+                env=child_env(launch.env, self._hidden()),
                 start_new_session=True,  # the keeper's own session: a terminal's ^C reaches only the gateway
             )
         except OSError as exc:
@@ -458,6 +460,11 @@ class RuntimeProcess:
         self._deadline = time.monotonic() + self.config.startup_timeout
         self._next_probe = time.monotonic()
         self._last_probe = "no answer yet"
+
+    def _hidden(self) -> set[str]:
+        """The secrets no child may inherit: the gateway's, and this backend's own key, which
+        reaches the runtime only through the adapter's env (under the variable it reads)."""
+        return {*self._secrets(), *([self.config.api_key] if self.config.api_key else [])}
 
     async def _after_ready_probe(self) -> None:
         if not self._setup_done:
@@ -704,7 +711,8 @@ _SECRET_FLAGS = ("--api-key", "--api_key")
 
 
 def _redacted(argv: list[str]) -> list[str]:
-    """The command line for the log, without the backend's API key (the log is kept on disk)."""
+    """The command line for the log, without an API key the operator's `args` may pass (the
+    log is kept on disk and served to admins)."""
     out = list(argv)
     for i, arg in enumerate(out):
         if arg in _SECRET_FLAGS and i + 1 < len(out):

@@ -25,6 +25,7 @@ from gateway import metrics
 from gateway.config import BackendConfig, Config
 from gateway.errors import BackendUnavailable
 from gateway.supervisor.logs import BackendLog
+from gateway.supervisor.oneshot import gateway_secrets
 from gateway.supervisor.process import KEEPER_MARGIN, RuntimeProcess, StartFailed, State, free_port
 
 log = logging.getLogger("gateway.supervisor")
@@ -136,6 +137,7 @@ class Supervisor:
         self.on_ready: list[Callable[[str], None]] = []
         # uvicorn binds it only after start-up, when the backends are already running.
         self._gateway_port = config.server.port
+        self._secrets = gateway_secrets(config)  # kept out of every runtime's environment
         log_dir = Path(config.data_dir) / "logs"
         for backend_config in config.backends:
             self.backends[backend_config.name] = Backend(
@@ -187,6 +189,7 @@ class Supervisor:
             "changed": [n for n in current if n in wanted and wanted[n] != current[n].config],
             "unchanged": [n for n in current if n in wanted and wanted[n] == current[n].config],
         }
+        self._secrets = gateway_secrets(config)
         log_dir = Path(config.data_dir) / "logs"
         retiring: dict[str, asyncio.Task[None]] = {}
         for name in summary["removed"] + summary["changed"]:
@@ -263,7 +266,7 @@ class Supervisor:
 
         return RuntimeProcess(backend.config, backend.adapter, backend.log, self._probes,
                               inflight=lambda: backend.inflight, on_state=on_state,
-                              taken_ports=lambda: self._taken_ports(backend))
+                              taken_ports=lambda: self._taken_ports(backend), secrets=lambda: self._secrets)
 
     def _taken_ports(self, backend: Backend) -> set[int]:
         """The gateway's own port and every port another backend has or was given."""

@@ -36,6 +36,15 @@ def test_launch_with_embeddings(adapter: LlamaCppAdapter) -> None:
     assert argv[argv.index("--pooling") + 1] == "mean"
 
 
+def test_launch_passes_the_api_key_in_the_environment(adapter: LlamaCppAdapter) -> None:
+    backend = BACKEND.model_copy(update={"api_key": "k-1", "env": {"LLAMA_API_KEY": "other", "X": "1"}})
+    launch = adapter.launch(backend, 40002)
+    # Not on the command line, which every local user can read; the configured key wins.
+    assert "k-1" not in launch.argv and "--api-key" not in launch.argv
+    assert launch.env == {"LLAMA_API_KEY": "k-1", "X": "1"}
+    assert "LLAMA_API_KEY" not in adapter.launch(BACKEND, 40002).env
+
+
 def chunk(delta: dict | None, finish: str | None = None, **extra: object) -> dict:
     choices = [] if delta is None else [{"finish_reason": finish, "index": 0, "delta": delta}]
     return {"choices": choices, "created": 1, "id": "chatcmpl-x", "model": "gemma", "system_fingerprint": "b6000-abc",

@@ -32,8 +32,9 @@ def test_launch(adapter: VllmAdapter) -> None:
     launch = adapter.launch(BACKEND, 40001)
     assert launch.argv == ["/opt/vllm/bin/vllm", "serve", "Qwen/Qwen3-0.6B", "--host", "127.0.0.1", "--port", "40001",
                            "--served-model-name", "qwen3", "small", "--max-num-seqs", "8", "--max-model-len", "8192",
-                           "--api-key", "k-1", "--max-num-seqs", "4", "--enforce-eager"]  # operator's args last
-    assert launch.env == {"CUDA_VISIBLE_DEVICES": "0,1", "VLLM_LOGGING_LEVEL": "DEBUG"}
+                           "--max-num-seqs", "4", "--enforce-eager"]  # operator's args last
+    # The key in vLLM's own variable, not on the command line, which every local user can read.
+    assert launch.env == {"CUDA_VISIBLE_DEVICES": "0,1", "VLLM_LOGGING_LEVEL": "DEBUG", "VLLM_API_KEY": "k-1"}
     assert adapter.version_command(BACKEND).argv == ["/opt/vllm/bin/vllm", "--version"]
 
 
@@ -44,6 +45,11 @@ def test_launch_argv_is_accepted_by_the_fake(adapter: VllmAdapter) -> None:
     code = f"import sys; sys.path.insert(0, {str(FAKES)!r}); import fake_vllm; print(fake_vllm.parse_args({argv[2:]!r}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "served_model_name=['qwen3', 'small']" in out and "max_model_len=8192" in out
+
+
+def test_the_configured_key_wins_over_one_in_the_backends_env(adapter: VllmAdapter) -> None:
+    backend = BACKEND.model_copy(update={"env": {"VLLM_API_KEY": "other"}})
+    assert adapter.launch(backend, 1).env["VLLM_API_KEY"] == "k-1"  # the key the gateway sends
 
 
 def test_launch_without_binary(adapter: VllmAdapter, monkeypatch: pytest.MonkeyPatch) -> None:
