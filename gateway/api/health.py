@@ -22,21 +22,28 @@ async def health() -> Response[Any]:
     return Response(b'{"status":"ok"}', media_type="application/json")
 
 
+# What /ready tells of admission. It needs no key, so it answers states only: the admission's
+# describe() also has the replica id and its lease and queue counts: operators' detail (the metrics
+# have the queue depth and in-flight requests).
+PUBLIC_ADMISSION = ("mode", "redis_reachable")
+
+
 @get("/ready")
 async def ready(request: Request[Any, Any, Any]) -> Response[Any]:
-    """200 once at least one backend takes requests; otherwise 503 with every backend's reason.
-    `admission` says how limits are enforced now: `memory` (one process), `redis` (shared by every
-    replica), or, while Redis is unreachable, its failure mode (`fail_closed` or `local`). A
-    degraded admission does not make the replica unready: it still answers, with 503s or with its
-    share of the limits, and taking every replica out of rotation would only turn those into
-    connection errors."""
+    """200 once at least one backend takes requests; otherwise 503. The body gives every backend's
+    state and nothing more: /ready needs no key, and a backend's reason carries the runtime's last
+    output lines (its argv, model paths) or an attached server's address; the admin API
+    (/admin/backends) has them. `admission.mode` says how limits are enforced now: `memory` (one
+    process), `redis` (shared by every replica), or, while Redis is unreachable, its failure mode
+    (`fail_closed` or `local`). A degraded admission does not make the replica unready: it still
+    answers, with 503s or with its share of the limits, and taking every replica out of rotation
+    would only turn those into connection errors."""
     gateway: Gateway = request.app.state.gateway
-    backends = {b.name: {"state": b.state.value, "reason": b.reason or None}
-                for b in gateway.supervisor.backends.values()}
+    backends = {b.name: {"state": b.state.value} for b in gateway.supervisor.backends.values()}
     # A stopped on-demand backend is no fault: the next request for it starts it.
     is_ready = any(b.ready or b.startable for b in gateway.supervisor.backends.values())
-    body = {"status": "ready" if is_ready else "not ready", "backends": backends,
-            "admission": gateway.admission.describe()}
+    admission = {k: v for k, v in gateway.admission.describe().items() if k in PUBLIC_ADMISSION}
+    body = {"status": "ready" if is_ready else "not ready", "backends": backends, "admission": admission}
     return Response(encode(body), status_code=200 if is_ready else 503, media_type="application/json")
 
 

@@ -78,7 +78,10 @@ class Exchange:
         given = None
         for name, value in scope["headers"]:  # names arrive lower-cased (ASGI)
             if name == b"authorization":
-                self.authorization = value.decode("latin-1")
+                # The first one, as gateway.auth and Litestar's routes read it: a client sending
+                # two must get the same answer from every path.
+                if self.authorization is None:
+                    self.authorization = value.decode("latin-1")
             elif name == b"content-length":
                 self.content_length = int(value) if value.isdigit() else None
             elif name == b"x-request-id":

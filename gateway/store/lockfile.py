@@ -21,7 +21,7 @@ class DataDirInUse(RuntimeError):
 @contextmanager
 def exclusive(path: Path) -> Iterator[None]:
     """Hold `path`'s lock while the block runs; DataDirInUse at once if another process holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # private, as the store's (store/sqlite.py)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:

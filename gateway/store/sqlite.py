@@ -8,7 +8,9 @@ a committed key survives a crash of the process; usage is flushed about once a s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -48,6 +50,26 @@ CREATE INDEX IF NOT EXISTS usage_batches_applied_at ON usage_batches (applied_at
 """
 
 
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+
+
+def make_private(path: Path) -> None:
+    """The database (keys' hashes, usage) readable by the gateway's user only, whatever the umask.
+
+    The modes are set explicitly rather than by narrowing the process umask, which the runtimes
+    the gateway spawns would inherit. A data directory this creates is 0700; one that exists is
+    left as it is, since an operator who made it (group-readable for a backup job, say) chose its
+    mode. The database files are the gateway's own, so they are made 0600 even when they exist
+    (one from an older gateway is 0644). SQLite creates -wal and -shm with the mode of the database
+    file, so they follow it; the ones left over by a crash are fixed here as well."""
+    path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT, PRIVATE_FILE))  # an empty file is a new database to SQLite
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(file, PRIVATE_FILE)
+
+
 class SQLiteStore(Store):
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -64,9 +86,8 @@ class SQLiteStore(Store):
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
         def connect() -> sqlite3.Connection:
+            make_private(self.path)
             db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")

@@ -15,7 +15,7 @@ class BackendLog:
         self.lines: collections.deque[str] = collections.deque(maxlen=keep_lines)
         self.written = 0  # lines ever written: a mark to read "everything since" from the ring
         self._followers: set[asyncio.Queue[str | None]] = set()
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # a runtime's output may hold anything
         self.path = directory / f"{name}.log"
         # The stdlib's rotating handler: bounded disk use for a process that runs for months.
         self._file = logging.handlers.RotatingFileHandler(
