@@ -46,11 +46,14 @@ def serve(args: argparse.Namespace) -> None:
               file=sys.stderr)
         raise SystemExit(EXIT_CONFIG)
     log_config = logsetup.configure(server.log_level, server.log_format)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    # Private: it holds keys' hashes, usage and the runtimes' logs. One that exists keeps the mode
+    # its operator gave it (gateway/store/sqlite.py, make_private).
+    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.protocol import BoundedHttpToolsProtocol
 
     app = create_app(config, args.config or os.environ.get("GATEWAY_CONFIG"), file_config)
     gateway = app.app.state.gateway  # (the FrontDoor create_app returns wraps the Litestar app)
@@ -67,7 +70,7 @@ def serve(args: argparse.Namespace) -> None:
         host=server.host,
         port=server.port,
         loop="uvloop",
-        http="httptools",
+        http=BoundedHttpToolsProtocol,  # httptools, with a bound on a request's head
         log_level=server.log_level,
         log_config=log_config,
         # Per-request lines come from the gateway itself (with request id, key id, backend).
