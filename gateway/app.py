@@ -34,6 +34,7 @@ from gateway.openai import PATHS
 from gateway.routing import Cooldowns, ModelTable
 from gateway.sendwatch import SendWatch
 from gateway.store import open_store
+from gateway.store.redis import OUTAGE
 from gateway.store.lockfile import exclusive
 from gateway.supervisor import Supervisor
 from gateway.upstream import Upstream
@@ -65,6 +66,7 @@ class Gateway:
         # of the grace period with a 500.
         self.closing = False
         self.admitting: set[asyncio.Task[Any]] = set()
+        self.cannot_start: str | None = None  # why the start failed, when it is the operator's to fix
         self.started = int(time.time())
         self.redis = _redis_client(config.store.url) if config.store.url else None
         self.store = open_store(config, self.redis)
@@ -89,36 +91,44 @@ class Gateway:
     async def lifespan(self, app: Litestar) -> AsyncIterator[None]:
         # Opened in dependency order, closed in reverse; each close runs even if a later open failed.
         async with contextlib.AsyncExitStack() as stack:
-            # First: SIGHUP's default action ends the process, and starting can take a while (an
-            # eager backend loading its model). One that comes meanwhile is applied once started.
-            loop = asyncio.get_running_loop()
-            loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
-            stack.callback(loop.remove_signal_handler, signal.SIGHUP)
-            if self.redis is not None:
-                stack.push_async_callback(self.redis.aclose)
-            else:
-                stack.enter_context(exclusive(self.config.data_dir / "gateway.lock"))
-            await self.upstream.open()
-            stack.push_async_callback(self.upstream.close)
-            await self.store.open()
-            stack.push_async_callback(self.store.close)
-            await self.keys.start()
-            stack.push_async_callback(self.keys.stop)
-            await self.usage.start()
-            stack.push_async_callback(self.usage.stop)
-            await self.admission.start()
-            stack.push_async_callback(self.admission.stop)
-            await self.supervisor.start()
-            stack.push_async_callback(self.supervisor.stop)
-            await self.loads.start()
-            stack.push_async_callback(self.loads.stop)
-            await self.sends.start()
-            stack.push_async_callback(self.sends.stop)
+            try:
+                await self._open(stack)
+            except CANNOT_START as exc:  # said in one line (FrontDoor), not as a traceback
+                self.cannot_start = str(exc) or type(exc).__name__
+                log.debug("start failed", exc_info=exc)  # the traceback, for log_level debug
+                raise
             self._opened = True
             if self._reload_waiting:
                 self._reload_on_signal()
             _settle_garbage_collector()
             yield
+
+    async def _open(self, stack: contextlib.AsyncExitStack) -> None:
+        # First: SIGHUP's default action ends the process, and starting can take a while (an
+        # eager backend loading its model). One that comes meanwhile is applied once started.
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+        stack.callback(loop.remove_signal_handler, signal.SIGHUP)
+        if self.redis is not None:
+            stack.push_async_callback(self.redis.aclose)
+        else:
+            stack.enter_context(exclusive(self.config.data_dir / "gateway.lock"))
+        await self.upstream.open()
+        stack.push_async_callback(self.upstream.close)
+        await self.store.open()
+        stack.push_async_callback(self.store.close)
+        await self.keys.start()
+        stack.push_async_callback(self.keys.stop)
+        await self.usage.start()
+        stack.push_async_callback(self.usage.stop)
+        await self.admission.start()
+        stack.push_async_callback(self.admission.stop)
+        await self.supervisor.start()
+        stack.push_async_callback(self.supervisor.stop)
+        await self.loads.start()
+        stack.push_async_callback(self.loads.stop)
+        await self.sends.start()
+        stack.push_async_callback(self.sends.stop)
 
     def begin_shutdown(self) -> None:
         """The server stops accepting: what only waits is told to go now (v1._admitted answers it)."""
@@ -231,6 +241,8 @@ class FrontDoor:
         if endpoint is None:
             if scope["type"] == "http":
                 send = _with_request_id(scope, send)
+            elif scope["type"] == "lifespan":
+                send = _with_startup_reason(self.app, send)
             await self.app(scope, receive, send)
             return
         scope["app"] = self.app
@@ -251,6 +263,23 @@ class FrontDoor:
             except RuntimeError:
                 raise exc from None  # the answer had begun: uvicorn closes the connection
             await send({"type": "http.response.body", "body": body})
+
+
+# What an operator fixes rather than reports: another gateway on the data dir, Redis unreachable
+# or too old, a directory it may not write. Anything else is a bug and keeps its traceback.
+CANNOT_START = (RuntimeError, OSError, *OUTAGE)
+
+
+def _with_startup_reason(app: Litestar, send: Any) -> Any:
+    """`send` for the lifespan: a start that failed for a reason in CANNOT_START is logged by
+    uvicorn as that reason in one line, where Litestar would hand it the whole traceback."""
+
+    async def send_startup_reason(message: Any) -> None:
+        if message["type"] == "lifespan.startup.failed" and (reason := app.state.gateway.cannot_start):
+            message = {**message, "message": f"The gateway cannot start: {reason}"}
+        await send(message)
+
+    return send_startup_reason
 
 
 def _with_request_id(scope: Any, send: Any) -> Any:

@@ -204,3 +204,16 @@ def test_a_sighup_while_starting_is_applied_once_started(tmp_path: Path) -> None
         assert gateway.log().count("config reloaded on SIGHUP") == 1
     finally:
         gateway.stop()
+
+
+def test_a_start_that_cannot_reach_redis_says_so_in_one_line(tmp_path: Path) -> None:
+    config = {"store": {"url": f"redis://127.0.0.1:{free_port()}/0"},
+              "backends": [{"name": "away", "runtime": "openai", "url": f"http://127.0.0.1:{free_port()}",
+                            "serves": ["m"]}]}
+    gateway = GatewayProcess(config, tmp_path)
+    try:
+        assert gateway.proc.wait(60) == 3  # uvicorn's "startup failed"
+        assert "The gateway cannot start: Error 111 connecting to 127.0.0.1" in gateway.log()
+        assert "Traceback" not in gateway.log()
+    finally:
+        gateway.stop()
