@@ -75,6 +75,9 @@ class Adapter:
     load_path: ClassVar[str | None] = None
     # Where the runtime lists the models it has (None: it serves what it was started with).
     models_path: ClassVar[str | None] = None
+    # Body fields of the runtime's own that cap the completion as max_tokens does: the limiter's
+    # estimate must count them, or a client could reserve 1 token and generate thousands.
+    length_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, backend: BackendConfig | None = None) -> None:
         # One adapter per backend: request translation may depend on its config (Ollama's num_ctx).

@@ -33,6 +33,8 @@ def find_binary(configured: str | list[str] | None) -> list[str]:
 
 
 class LlamaCppAdapter(Adapter):
+    # llama-server takes `n_predict` on its OpenAI routes too, and it wins over max_tokens.
+    length_fields = ("n_predict",)
     runtime = "llamacpp"
     owned_by = "llamacpp"
     # /slots (needs --slots) says which slots are busy; /metrics lost its KV-cache gauges upstream.

@@ -484,15 +484,26 @@ class Call:
         return 0 if status >= 400 and not produced else None
 
 
+MAX_TOKENS = 2**31 - 1  # as openai.PositiveInt: beyond it no runtime takes a count
+
+
 def _ticket(gateway: Gateway, principal: Principal, route: Route, backends: Sequence[Backend], endpoint: Endpoint,
             body: dict[str, Any], raw: bytes) -> Ticket:
     # A cheap, conservative estimate: ~4 bytes of JSON per prompt token, plus the completion
     # budget. Only fields decode_request checked for this endpoint count: anything else in the
-    # body goes to the runtime untouched, and must not shrink the reservation.
+    # body goes to the runtime untouched, and must not shrink the reservation. A runtime's own
+    # length field only ever enlarges it (an unlimited n_predict of -1 leaves the default, as a
+    # request without max_tokens does: the real count is settled after the answer).
     completion = 0  # embeddings generate nothing
     if endpoint != "embeddings":
         budget = (body.get("max_completion_tokens") if endpoint == "chat" else None) or body.get("max_tokens")
-        completion = (budget or gateway.config.limits.default_completion_tokens) * (body.get("n") or 1)
+        budget = budget or gateway.config.limits.default_completion_tokens
+        for backend in backends:  # a runtime's own length field (llama.cpp's n_predict), if larger
+            for name in backend.adapter.length_fields:
+                native = body.get(name)
+                if type(native) is int and budget < native <= MAX_TOKENS:
+                    budget = native
+        completion = budget * (body.get("n") or 1)
     cost = len(raw) // 4 + completion
     return Ticket(
         key_id=principal.key_id,

@@ -175,6 +175,27 @@ def test_the_reservation_counts_only_fields_checked_for_the_endpoint(gateway: Ga
         assert r.status_code == 200, r.text
 
 
+def test_llama_cpps_own_length_field_counts_in_the_reservation(start_gateway: StartGateway) -> None:
+    # The audit's case: a tpm 300 key sent max_tokens 1 with n_predict 1000, which llama-server
+    # obeys, and generated 1,000 tokens on a 1-token reservation.
+    runtime = ThreadingHTTPServer(("127.0.0.1", 0), _Runtime)
+    threading.Thread(target=runtime.serve_forever, daemon=True).start()
+    try:
+        gateway = start_gateway({"backends": [{"name": "llama", "runtime": "llamacpp", "serves": ["fast"],
+                                               "url": f"http://127.0.0.1:{runtime.server_port}"}]})
+        key = gateway.admin("POST", "/admin/keys", json={"name": "small", "tpm": 300}).json()["key"]
+        with gateway.http(key) as client:
+            body = {"model": "fast", "messages": CHAT, "max_tokens": 1}
+            r = client.post("/v1/chat/completions", json={**body, "n_predict": 1000})
+            assert r.status_code == 429 and "needs about 10" in r.json()["error"]["message"], r.text
+            for allowed in (body, {**body, "n_predict": 50}, {**body, "n_predict": -1}, {**body, "n_predict": "x"}):
+                r = client.post("/v1/chat/completions", json=allowed)
+                assert r.status_code == 200, (allowed, r.text)
+    finally:
+        runtime.shutdown()
+        runtime.server_close()
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"max_tokens": "5"}, "max_tokens"),
     ({"max_tokens": 5.0}, "max_tokens"),
