@@ -34,8 +34,8 @@ from gateway.openai import PATHS
 from gateway.routing import Cooldowns, ModelTable
 from gateway.sendwatch import SendWatch
 from gateway.store import open_store
-from gateway.store.redis import OUTAGE
 from gateway.store.lockfile import exclusive
+from gateway.store.redis import OUTAGE
 from gateway.supervisor import Supervisor
 from gateway.upstream import Upstream
 from gateway.usage import UsageRecorder

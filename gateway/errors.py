@@ -9,8 +9,8 @@
      ├── MethodNotAllowed        405 method_not_allowed
      ├── RequestTimeout          408 request_timeout       (the body did not arrive in time)
      ├── BodyTooLarge            413 request_too_large
-     ├── HeadTooLarge            431 request_header_fields_too_large (then the connection closes)
      ├── RateLimited             429 rate_limit_exceeded   (carries retry-after)
+     ├── HeadTooLarge            431 request_header_fields_too_large (then the connection closes)
      ├── ClientClosedRequest     499 client_closed         (the client left; nobody reads it)
      ├── BackendUnavailable      503 backend_unavailable   (no ready backend, or all failed)
      ├── UpstreamTimeout         504 upstream_timeout
