@@ -66,7 +66,9 @@ def make_private(path: Path) -> None:
     path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     os.close(os.open(path, os.O_RDONLY | os.O_CREAT, PRIVATE_FILE))  # an empty file is a new database to SQLite
     for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        with contextlib.suppress(FileNotFoundError):
+        # Not the owner (a file another user made, writable through its group): its mode is
+        # theirs to set, and SQLite can still use it, so the store opens as it did before.
+        with contextlib.suppress(FileNotFoundError, PermissionError):
             os.chmod(file, PRIVATE_FILE)
 
 
