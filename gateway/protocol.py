@@ -8,10 +8,9 @@ connection gets a 431 and is closed.
 
 The bound costs the hot path an attribute test per socket read and two method calls per request
 (bench/count.py: +0.03 % instructions): the head is counted a read at a time, before each read is
-parsed, and only while a head is being received. Every byte of a read
-that arrives while the head is still incomplete belongs to the head, so a legitimate request is
-never refused for the body that follows its head; a head can grow by at most one read past the
-bound before the refusal.
+parsed, and only while a head is being received. Every byte of a read that arrives while the head
+is still incomplete belongs to the head, so a legitimate request is never refused for the body
+that follows its head; a head can grow by at most one read past the bound before the refusal.
 """
 
 from __future__ import annotations
