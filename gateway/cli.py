@@ -53,7 +53,7 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.protocol import BoundedHttpToolsProtocol
+    from gateway.protocol import http_protocol
 
     app = create_app(config, args.config or os.environ.get("GATEWAY_CONFIG"), file_config)
     gateway = app.app.state.gateway  # (the FrontDoor create_app returns wraps the Litestar app)
@@ -70,7 +70,7 @@ def serve(args: argparse.Namespace) -> None:
         host=server.host,
         port=server.port,
         loop="uvloop",
-        http=BoundedHttpToolsProtocol,  # httptools, with a bound on a request's head
+        http=http_protocol(server.read_timeout),  # httptools, with bounds on receiving a request
         log_level=server.log_level,
         log_config=log_config,
         # Per-request lines come from the gateway itself (with request id, key id, backend).

@@ -96,6 +96,10 @@ class ServerConfig(_Section):
     # Bound on a client that stops reading a stream: a write waiting this long (up to 2 s more:
     # it is looked at once a second) ends the request and frees its slot (nginx's send_timeout).
     send_timeout: Seconds = Field(default=60.0, ge=1.0)
+    # Bound on a client sending its request: the head (and a new connection's first request)
+    # must arrive whole within it, a body may pause no longer between reads; then 408 and the
+    # connection closes (nginx's client_header_timeout and client_body_timeout; gateway/protocol.py).
+    read_timeout: Seconds = Field(default=60.0, ge=1.0)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

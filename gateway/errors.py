@@ -7,7 +7,7 @@
      ├── ModelNotFound           404 model_not_found
      ├── NotFound                404 not_found
      ├── MethodNotAllowed        405 method_not_allowed
-     ├── RequestTimeout          408 request_timeout       (the body did not arrive in time)
+     ├── RequestTimeout          408 request_timeout       (the request did not arrive in time; then the connection closes)
      ├── BodyTooLarge            413 request_too_large
      ├── RateLimited             429 rate_limit_exceeded   (carries retry-after)
      ├── HeadTooLarge            431 request_header_fields_too_large (then the connection closes)

@@ -1,9 +1,11 @@
-"""gateway/protocol.py: a request's head is bounded (431, connection closed); a large body after a
-small head, and a head near the bound, still pass."""
+"""gateway/protocol.py: a request's head is bounded in size (431, connection closed), and a
+request in time (408, connection closed); a large body after a small head, a head near the bound,
+a slow body that keeps coming and an idle kept-alive connection still pass."""
 
 from __future__ import annotations
 
 import socket
+import time
 from urllib.parse import urlsplit
 
 import httpx
@@ -51,3 +53,59 @@ def test_a_head_past_the_bound_is_431_and_the_connection_closes(start_gateway: S
                                  headers={"authorization": f"Bearer {gateway.new_key()}",
                                           "content-type": "application/json"})
     assert answer_for_body.status_code == 400, answer_for_body.text
+
+
+def _talk(url: str, sends: list[tuple[bytes, float]], wait: float = 15) -> tuple[bytes, float]:
+    """Send each piece, then sleep its pause; read until the server closes. What came back, and
+    how long after the last piece the connection closed."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=wait) as sock:
+        for data, pause in sends:
+            sock.sendall(data)
+            time.sleep(pause)
+        sent = time.monotonic()
+        answer = b""
+        while chunk := sock.recv(65536):  # a closed connection ends it; a silent one times out (fails)
+            answer += chunk
+        return answer, time.monotonic() - sent
+
+
+CHAT = b'{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":4}'
+
+
+def test_a_request_that_stops_coming_is_408_and_the_connection_closes(start_gateway: StartGateway,
+                                                                       fake_upstream: str) -> None:
+    gateway = start_gateway({"server": {"read_timeout": "1s"},
+                             "backends": [{"name": "up", "runtime": "openai", "url": fake_upstream,
+                                           "serves": ["fake"]}]})
+    auth = b"authorization: Bearer %s\r\n" % gateway.new_key().encode()
+
+    # Half a head.
+    answer, closed_after = _talk(gateway.url, [(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n", 0)])
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b'"code":"request_timeout"' in answer and b"connection: close" in answer
+    assert closed_after < 10
+
+    # A whole head, then part of the body it announced.
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n%s" % auth
+    answer, _ = _talk(gateway.url, [(head + b"content-length: %d\r\n\r\n" % len(CHAT) + CHAT[:10], 0)])
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+
+    # A connection that never sends a byte is closed, with nothing to answer.
+    answer, closed_after = _talk(gateway.url, [])
+    assert answer == b"" and closed_after < 10
+
+    # A body that keeps coming, pausing less than the bound each time, may take longer in all.
+    pieces = [CHAT[i:i + 8] for i in range(0, len(CHAT), 8)]
+    slow = [(head + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(CHAT), 0.5),
+            *((piece, 0.5) for piece in pieces)]
+    assert sum(pause for _, pause in slow) > 3
+    answer, _ = _talk(gateway.url, slow)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+
+    # So does a kept-alive connection idle between requests: the bound is on a request arriving.
+    with httpx.Client(base_url=gateway.url, timeout=30,
+                      headers={"authorization": f"Bearer {gateway.new_key()}"}) as client:
+        assert client.post("/v1/chat/completions", content=CHAT).status_code == 200
+        time.sleep(2)
+        assert client.post("/v1/chat/completions", content=CHAT).status_code == 200

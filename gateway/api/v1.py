@@ -36,7 +36,6 @@ from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
     ModelNotFound,
-    RequestTimeout,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -92,8 +91,8 @@ class Exchange:
 
     async def body(self, limit: int) -> bytes:
         """The whole body, refused (413) from Content-Length alone or as soon as the bytes read pass
-        `limit`: never read whole into memory; and in BODY_TIMEOUT (408), as uvicorn sets no
-        bound on a client that sends its body slowly, or stops half-way."""
+        `limit`: never read whole into memory. (A client that sends it too slowly, or stops
+        half-way, is cut by the server protocol, gateway/protocol.py: this hears it leave.)"""
         if self.content_length is not None and self.content_length > limit:
             raise BodyTooLarge(TOO_LARGE)
         first = await self.receive()  # most bodies come whole in one message, already read
@@ -101,11 +100,7 @@ class Exchange:
             if len(first.get("body", b"")) > limit:
                 raise BodyTooLarge(TOO_LARGE)
             return first.get("body", b"")
-        try:
-            async with asyncio.timeout(BODY_TIMEOUT):
-                return await self._rest_of_body(first, limit)
-        except TimeoutError:
-            raise RequestTimeout(f"The request body did not arrive within {BODY_TIMEOUT:g}s.") from None
+        return await self._rest_of_body(first, limit)
 
     async def _rest_of_body(self, message: Message, limit: int) -> bytes:
         parts: list[bytes] = []
@@ -134,7 +129,6 @@ class Exchange:
 
 
 TOO_LARGE = "The request body is larger than this gateway accepts (server.max_body)."
-BODY_TIMEOUT = 60.0  # seconds for a body that comes in pieces: a slow uplink, not a stalled client
 
 
 # A disconnect is only seen by a task waiting in receive(), which costs 5 % of a fast request's

@@ -1,5 +1,5 @@
-"""Reading a request's body (gateway.api.v1.Exchange.body): whole, bounded in size, and bounded
-in time, since uvicorn waits for a slow or stalled body for ever."""
+"""Reading a request's body (gateway.api.v1.Exchange.body): whole, bounded in size; a client that
+leaves while sending is heard. (The bound in time is the server protocol's: tests/test_protocol.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gateway.api import v1
-from gateway.errors import BodyTooLarge, ClientClosedRequest, RequestTimeout
+from gateway.errors import BodyTooLarge, ClientClosedRequest
 
 
 def exchange(*messages: dict[str, Any], length: int | None = None) -> v1.Exchange:
@@ -42,13 +42,6 @@ async def test_a_body_over_the_limit_is_refused_as_soon_as_it_is_over() -> None:
         await exchange(part(b"x" * 101, False)).body(100)
     with pytest.raises(BodyTooLarge):
         await exchange(length=101).body(100)
-
-
-async def test_a_body_that_stops_coming_is_a_408_in_bounded_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(v1, "BODY_TIMEOUT", 0.2)
-    with pytest.raises(RequestTimeout) as caught:
-        await asyncio.wait_for(exchange(part(b"abcd", True), length=100).body(1000), 5)
-    assert caught.value.status == 408
 
 
 async def test_a_client_that_leaves_while_sending_is_a_499() -> None:
