@@ -52,6 +52,13 @@ class RequestStats(Collector):
     def attempt_ended(self, backend: str) -> None:
         self._inflight[backend] -= 1
 
+    def forget_backend(self, backend: str) -> None:
+        """A backend a reload removed: its series go (an attempt still running keeps its count)."""
+        if not self._inflight.get(backend):
+            self._inflight.pop(backend, None)
+        for labels in [labels for labels in self._requests if labels[1] == backend]:
+            del self._requests[labels]
+
     def answered(self, model: str, backend: str, endpoint: str, status_class: str) -> None:
         _count(self._requests, (model, backend, endpoint, status_class), 1)
 
@@ -185,6 +192,18 @@ def backend_transition(backend: str, runtime: str, old: str, new: str) -> None:
         backend_state.labels(backend, runtime, state).set(1 if state == new else 0)
     backend_ready.labels(backend, runtime).set(1 if new == "ready" else 0)
     backend_transitions.labels(backend, runtime, new).inc()
+
+
+def forget_backend(backend: str, runtime: str, *, name_too: bool) -> None:
+    """The series of a backend a reload removed (`name_too`), or replaced with one of another
+    runtime (only that runtime's): a ghost's last values would stay for ever, and its last
+    `ready` 0 would fire GatewayBackendDown for ever (deploy/prometheus/alerts.yml)."""
+    for family in (backend_state, backend_ready, backend_transitions, backend_restarts, backend_load):
+        family.remove_by_labels({"backend": backend, "runtime": runtime})
+    if name_too:
+        backend_slots.remove_by_labels({"backend": backend})
+        upstream_errors.remove_by_labels({"backend": backend})
+        REQUESTS.forget_backend(backend)
 
 
 def status_class(status: int) -> str:

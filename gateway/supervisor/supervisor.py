@@ -216,7 +216,11 @@ class Supervisor:
                 await asyncio.sleep(DRAIN_POLL)
             await backend.process.close(timeout=backend.config.stop_timeout + KEEPER_MARGIN + 2)
         backend.log.close()
-        metrics.backend_ready.labels(backend.name, backend.config.runtime).set(0)
+        successor = self.backends.get(backend.name)  # (the reload has replaced the table by now)
+        if successor is None or successor.config.runtime != backend.config.runtime:
+            metrics.forget_backend(backend.name, backend.config.runtime, name_too=successor is None)
+        else:
+            metrics.backend_ready.labels(backend.name, backend.config.runtime).set(0)
 
     async def _join(self, backend: Backend, predecessor: asyncio.Task[None] | None) -> None:
         if predecessor is not None:

@@ -120,6 +120,7 @@ def test_reload_adds_removes_and_changes_without_dropping_a_request(start_gatewa
         assert streaming.status_code == 200
         lines = streaming.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
+        assert ghost_series(gateway)  # `gone` has its gauges while configured
         config["backends"] = [fake_vllm("keep", ["m"], slots=2, token_delay=0.05), fake_vllm("new", ["fresh"])]
         gateway.config_path.write_text(yaml.safe_dump(config))
         reloaded = gateway.admin("POST", "/admin/reload")
@@ -137,6 +138,9 @@ def test_reload_adds_removes_and_changes_without_dropping_a_request(start_gatewa
     assert wait_until(lambda: chat("alias") == 200, 20)
     assert chat("old") == 404
     assert gateway.admin("GET", "/admin/backends/keep").json()["slots"] == 2
+    # The removed backend's series go: its last `ready` 0 would fire GatewayBackendDown for ever.
+    assert wait_until(lambda: not ghost_series(gateway), 20), ghost_series(gateway)
+    assert 'gateway_backend_ready{backend="new",runtime="vllm"}' in httpx.get(gateway.url + "/metrics").text
 
     # An invalid file changes nothing and says why; so does a change that needs a restart.
     gateway.config_path.write_text(yaml.safe_dump({**config, "backends": [{"name": "x"}]}))
@@ -211,3 +215,9 @@ def test_per_model_overrides(start_gateway: StartGateway) -> None:
     assert slow.status_code == 504, slow.text
     assert slow.json()["error"]["code"] == "upstream_timeout"
     assert chat("plain", max_tokens=40).status_code == 200
+
+
+def ghost_series(gateway: GatewayProcess) -> list[str]:
+    """The /metrics lines about the backend named `gone`."""
+    text = httpx.get(gateway.url + "/metrics", timeout=10).text
+    return [line for line in text.splitlines() if 'backend="gone"' in line and not line.startswith("#")]
