@@ -23,6 +23,7 @@ from gateway.errors import BackendUnavailable, GatewayError, UpstreamError, Upst
 from gateway.openai import DONE, Endpoint, encode, sse, usage_object
 
 log = logging.getLogger("gateway.upstream")
+MAX_URLS = 1024  # parsed backend URLs kept (gateway.upstream.Upstream._url)
 
 
 class Upstream:
@@ -53,6 +54,10 @@ class Upstream:
         # Parsed once per backend and path rather than on every request.
         url = self._urls.get((base_url, path))
         if url is None:
+            if len(self._urls) >= MAX_URLS:
+                # A managed backend gets a new port each time it starts: over months of restarts
+                # and idle stops the old ones would pile up. Those in use come back at once.
+                self._urls.clear()
             url = self._urls[(base_url, path)] = yarl.URL(base_url + path)
         return url
 

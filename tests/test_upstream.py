@@ -15,7 +15,7 @@ import pytest
 
 from adapters.base import Adapter, UpstreamRequest
 from gateway.errors import BackendUnavailable, UpstreamError
-from gateway.upstream import StreamOutcome, Upstream, relay_stream
+from gateway.upstream import MAX_URLS, StreamOutcome, Upstream, relay_stream
 from tests.conftest import StartGateway
 
 REPLY = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n"
@@ -347,3 +347,13 @@ async def test_a_stream_event_that_is_not_a_json_object_is_a_502() -> None:
         with pytest.raises(UpstreamError) as caught:
             await relayed([bad], include_usage=False)
         assert caught.value.status == 502 and "stream event" in caught.value.message
+
+
+def test_the_parsed_urls_kept_are_bounded_as_ports_come_and_go() -> None:
+    # A managed backend gets a new port each time it starts: months of restarts must not pile up.
+    upstream = Upstream(connect_timeout=2, request_timeout=5)
+    for port in range(20000, 20000 + 3 * MAX_URLS):
+        url = upstream._url(f"http://127.0.0.1:{port}", "/v1/chat/completions")
+        assert str(url) == f"http://127.0.0.1:{port}/v1/chat/completions"
+    assert len(upstream._urls) <= MAX_URLS
+    assert upstream._url("http://127.0.0.1:9", "/v1/models") is upstream._url("http://127.0.0.1:9", "/v1/models")
