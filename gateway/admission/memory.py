@@ -3,6 +3,8 @@
 All state lives on the event loop, so every decision is atomic without locks. Waiters are woken
 by the event that can admit them (a release, a refund, or a timer at the moment a rate window
 frees up), never by polling.
+
+Keys are forgotten once nothing of theirs is left that could still count: see `_prune`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import asyncio
 import bisect
 import itertools
 import time
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -35,6 +37,7 @@ class _Key:
     running: int = 0
     vtime: float = 0.0  # start-time fair queuing: service received, in token cost
     queue: list[_Waiter] = field(default_factory=list)  # sorted by (-priority, arrival)
+    seen: int = 0  # creation order: breaks vtime ties between keys, first seen first
 
 
 @dataclass(eq=False)
@@ -80,6 +83,15 @@ class MemoryLease(Lease):
             self._owner._release(self._key_id, self.backend)
 
 
+# The most keys one call to `_prune` looks at: the work any one request pays for forgetting keys
+# stays constant, and still outpaces the at most one key each request can add.
+_PRUNE_BATCH = 64
+
+
+def _fair_order(item: tuple[str, _Key]) -> tuple[float, int]:
+    return item[1].vtime, item[1].seen
+
+
 class MemoryAdmission(Admission):
     mode = "memory"
 
@@ -91,7 +103,11 @@ class MemoryAdmission(Admission):
         self._clock = clock
         # A Redis replica in `local` fallback enforces its share of each limit (1 / replicas).
         self._share = share
-        self._keys: dict[str, _Key] = defaultdict(_Key)
+        # key id -> its state, least recently asked for first (see `_prune`).
+        self._keys: OrderedDict[str, _Key] = OrderedDict()
+        self._backlogged: dict[str, _Key] = {}  # the keys with a non-empty queue: all `_dispatch` looks at
+        self._seen = itertools.count()
+        self._prune_at = 0.0  # no key can be forgotten before then (the front key's window ends)
         self._used: dict[str, int] = defaultdict(int)  # backend -> slots taken
         self._waiting = 0
         self._movers: list[_Mover] = []  # failovers waiting for a slot: served before new requests
@@ -109,7 +125,13 @@ class MemoryAdmission(Admission):
         if limits.tpm is not None and ticket.cost > limits.tpm:
             raise too_large(ticket, limits.tpm, self._window)
         now = self._clock()
-        key = self._keys[ticket.key_id]
+        if now >= self._prune_at:
+            self._prune(now)
+        key = self._keys.get(ticket.key_id)
+        if key is None:
+            key = self._keys[ticket.key_id] = _Key(seen=next(self._seen))
+        else:
+            self._keys.move_to_end(ticket.key_id)
         if self._waiting == 0:  # nobody queued: the common, uncontended case
             if self._blocked(key, ticket, now) is None and (backend := self._free_slot(ticket.backends)):
                 return self._grant(key, ticket, backend, now, waited=0.0)
@@ -123,6 +145,7 @@ class MemoryAdmission(Admission):
                          asyncio.get_running_loop().create_future(), now)
         if not key.queue:
             key.vtime = max(key.vtime, self._vnow)  # a newly backlogged key starts at "now"
+            self._backlogged[ticket.key_id] = key
         bisect.insort(key.queue, waiter)
         self._waiting += 1
         metrics.queue_depth.labels(ticket.model).inc()
@@ -144,6 +167,8 @@ class MemoryAdmission(Admission):
         finally:
             if waiter in key.queue:
                 key.queue.remove(waiter)
+                if not key.queue:
+                    del self._backlogged[ticket.key_id]
                 self._waiting -= 1
                 metrics.queue_depth.labels(ticket.model).dec()
             elif not admitted and waiter.future.done():
@@ -175,6 +200,37 @@ class MemoryAdmission(Admission):
             return _Scaled(limits.rpm, limits.tpm, limits.max_concurrency)
         return _Scaled(*(None if v is None else max(1, int(v * self._share))
                          for v in (limits.rpm, limits.tpm, limits.max_concurrency)))
+
+    def _prune(self, now: float) -> None:
+        """Forget keys that have nothing left that could count. Why: keys come and go (rotated,
+        revoked, one-off), and a key kept for good holds its state and the grant log of its last
+        busy minute for good, so memory would grow with every key ever seen.
+
+        A key goes only with an empty queue, nothing running, and every grant and token cost of
+        its log out of the window: then `_blocked`, `_usage` and `_retry_after` would see exactly
+        what a new key shows, so no limit is lost. What it forgets beyond that is its fairness
+        lead: at most its last request's cost, from a whole window ago; it restarts at "now",
+        as a newly backlogged key does.
+
+        `_keys` is ordered by the last acquire, so the keys that can go are found at the front:
+        a front key still inside its window stops the walk until its window ends (`_prune_at`:
+        a hint that may come up to a window late when the front changes, never early, as every
+        drop checks the key itself). A busy front key goes to the back. At most _PRUNE_BATCH
+        steps."""
+        keys, edge = self._keys, now - self._window
+        for _ in range(min(_PRUNE_BATCH, len(keys))):
+            key_id = next(iter(keys))
+            key = keys[key_id]
+            # Its newest grant: `_grant` logs each grant's time and cost at the same instant and
+            # `_trim` drops both at the same edge, so this one time says whether anything still counts.
+            last = key.requests[-1] if key.requests else edge
+            if last > edge:
+                self._prune_at = last + self._window
+                return  # still inside its window: it keeps its state
+            if key.queue or key.running:
+                keys.move_to_end(key_id)
+            else:
+                del keys[key_id]
 
     def _trim(self, key: _Key, now: float) -> None:
         edge = now - self._window
@@ -233,7 +289,7 @@ class MemoryAdmission(Admission):
         now = self._clock()
         while True:
             granted = False
-            for key_id, key in sorted(((k, s) for k, s in self._keys.items() if s.queue), key=lambda ks: ks[1].vtime):
+            for key_id, key in sorted(self._backlogged.items(), key=_fair_order):
                 for waiter in key.queue:
                     reason = self._blocked(key, waiter.ticket, now)
                     if reason is not None:
@@ -244,6 +300,8 @@ class MemoryAdmission(Admission):
                         waiter.blocked = "capacity"
                         continue  # another of its requests may be for a backend with room
                     key.queue.remove(waiter)
+                    if not key.queue:
+                        del self._backlogged[key_id]
                     self._waiting -= 1
                     metrics.queue_depth.labels(waiter.ticket.model).dec()
                     waiter.future.set_result(self._grant(key, waiter.ticket, backend, now, now - waiter.enqueued))
@@ -262,8 +320,7 @@ class MemoryAdmission(Admission):
 
     def _arm_timer(self, now: float) -> None:
         self._cancel_timer()
-        wake = [self._keys[w.ticket.key_id] for key in self._keys.values() for w in key.queue[:1]
-                if w.blocked in ("rpm", "tpm")]
+        wake = [key for key in self._backlogged.values() if key.queue[0].blocked in ("rpm", "tpm")]
         times = [k.requests[0] + self._window for k in wake if k.requests]
         times += [k.tokens[0][0] + self._window for k in wake if k.tokens]  # type: ignore[operator]
         if times:
@@ -301,17 +358,20 @@ class MemoryAdmission(Admission):
     # --- the lease's side ------------------------------------------------------------------
 
     def _release(self, key_id: str, backend: str) -> None:
-        self._keys[key_id].running -= 1
+        self._keys[key_id].running -= 1  # a key with something running is never pruned
         self._used[backend] -= 1
+        if (now := self._clock()) >= self._prune_at:
+            self._prune(now)
         self._dispatch()
 
     def _settle(self, key_id: str, lease_id: int, tokens: int, *, dispatch: bool = True) -> None:
-        key = self._keys[key_id]
-        for entry in reversed(key.tokens):
-            if entry[1] == lease_id:
-                key.token_sum += tokens - entry[2]  # type: ignore[operator]
-                entry[2] = tokens
-                break
+        key = self._keys.get(key_id)
+        if key is not None:  # None: settled after its release, its key since forgotten (none of it counted)
+            for entry in reversed(key.tokens):
+                if entry[1] == lease_id:
+                    key.token_sum += tokens - entry[2]  # type: ignore[operator]
+                    entry[2] = tokens
+                    break
         if dispatch:
             self._dispatch()
 
