@@ -28,14 +28,14 @@ class ConfigError(Exception):
 
 # --- value parsers -------------------------------------------------------------------------
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
 
 
 def _seconds(value: Any) -> Any:
-    """`30`, `1.5`, `"250ms"`, `"30s"`, `"5m"`, `"1h"` -> seconds as float."""
+    """`30`, `1.5`, `"250ms"`, `"30s"`, `"5m"`, `"1h"`, `"400d"` -> seconds as float."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30, '30s', '5m' or '250ms'")
     if isinstance(value, (int, float)):
@@ -115,9 +115,26 @@ class AuthConfig(_Section):
     allow_public_without_keys: bool = False
 
 
+DAY = 86400.0
+# Longer than a year, so a yearly report (this year against last) still finds all of last year.
+DEFAULT_USAGE_RETENTION = 400 * DAY
+# A century is "keep it all" already; past it a Redis expiry time in ms would overflow.
+MAX_USAGE_RETENTION = 36500 * DAY
+
+
+def _usage_retention(value: float) -> float:
+    # Usage is stored by the hour and reported by the day: less than a day would delete the
+    # usage of the day an admin is looking at.
+    if not DAY <= value <= MAX_USAGE_RETENTION:  # (NaN and infinity too)
+        raise ValueError("expected a duration from '1d' to '36500d' (100 years)")
+    return value
+
+
 class StoreConfig(_Section):
     # None: the embedded SQLite store in data_dir. `redis://...`: shared by every replica.
     url: Annotated[str, _matching(r"^rediss?://", "a redis:// or rediss:// URL")] | None = None
+    # Usage of an hour is deleted this long after the hour ends (SQLite: hourly; Redis: key expiry).
+    usage_retention: Annotated[Seconds, AfterValidator(_usage_retention)] = DEFAULT_USAGE_RETENTION
 
 
 class LimitValues(_Section):

@@ -4,8 +4,9 @@ Store (keys and usage):
     {p}key:{id}              string  JSON record of one API key (hash of the secret, never the secret)
     {p}keys                  zset    key ids by creation time
     {p}keys:changed          channel key ids changed by any replica (pub/sub)
-    {p}usage:{hour}          hash    "{key_id}|{model}|{field}" -> count, for that hour
-    {p}usage:hours           zset    the hours that have usage
+    {p}usage:{hour}          hash    "{key_id}|{model}|{field}" -> count, for that hour; expires
+                                     store.usage_retention after the hour ends
+    {p}usage:hours           zset    the hours that have usage (expired ones swept hourly)
     {p}usage:batch:{id}      string  set when that usage batch was applied (a retry finds it); expires
     {p}keys:last_used        zset    key id -> last use (unix seconds)
 

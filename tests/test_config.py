@@ -62,6 +62,10 @@ BROKEN: list[tuple[str, Any, list[str]]] = [
      ["backends[0].port: only for a managed backend, not with `url`",
       "backends[0]: `args` and `env` are only for a managed backend, not with `url`"]),
     ("top level not a mapping", ["backends"], ["(top level): expected a mapping of sections"]),
+    ("usage retention under a day", {"store": {"usage_retention": "23h"}, "backends": [LLAMA]},
+     ["store.usage_retention: expected a duration from '1d' to '36500d' (100 years)"]),
+    ("usage retention past a century", {"store": {"usage_retention": float("inf")}, "backends": [LLAMA]},
+     ["store.usage_retention: expected a duration from '1d' to '36500d' (100 years)"]),
     ("one port twice",
      {"server": {"port": 9000}, "backends": [{**LLAMA, "port": 9000}, {**LLAMA, "name": "b", "port": 9001},
                                              {**LLAMA, "name": "c", "port": 9001}]},
@@ -85,6 +89,7 @@ def test_defaults_and_derived_values() -> None:
     assert llama.model == "/srv/gw/m.gguf"  # relative to the config file
     assert llama.serves == ["m"] and vllm.serves == ["Qwen/Qwen2.5-7B"]
     assert llama.slots == 1 and llama.startup_timeout == 120.0
+    assert config.store.usage_retention == 400 * 86400  # longer than a year: yearly reports still work
 
 
 def test_units_and_interpolation() -> None:
@@ -92,11 +97,13 @@ def test_units_and_interpolation() -> None:
         "data_dir": "${DATA:-/var/lib/gw}",
         "server": {"max_body": "1MiB", "request_timeout": "5m", "connect_timeout": "250ms", "port": "${PORT}"},
         "admin": {"key": "${ADMIN_KEY}"},
+        "store": {"usage_retention": "30d"},
         "backends": [LLAMA],
     }, base_dir=Path("/srv"), env={"PORT": "9090", "ADMIN_KEY": "s3cret"})
     assert config.data_dir == Path("/var/lib/gw")
     assert config.server.port == 9090 and config.server.max_body == 1024**2
     assert config.server.request_timeout == 300.0 and config.server.connect_timeout == 0.25
+    assert config.store.usage_retention == 30 * 86400
     assert config.admin.key == "s3cret"
 
 

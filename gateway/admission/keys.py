@@ -27,6 +27,7 @@ KQ = "kq:{key}"                # zset  entry -> order                one key's w
 MOVERS = "movers"              # zset  lease -> arrival              failovers waiting for a slot (served first)
 MOVES = "moves"                # hash  lease -> "{json}"             where each of them may go, and from where
 NOTIFY = "notify:{replica}"    # list  "g|m\tlease\tbackend\t..."    grants and moves for one replica (BLMPOP)
+PROBE = "probe:{replica}"      # str   "1", expires in seconds       the circuit's probe: a write, as admission's are
 
 ALL = {"slots": SLOTS, "run": RUN, "log": LOG, "cost": COST, "vt": VT, "vnow": VNOW, "queue": QUEUE,
        "tickets": TICKETS, "fair": FAIR, "kq": KQ, "movers": MOVERS, "moves": MOVES, "notify": NOTIFY}

@@ -62,6 +62,7 @@ RELEASE_GATHER = 0.002
 ADMIT_BATCH = 64  # requests in one acquire.lua call at most
 MIN_REDIS = (7, 0)  # BLMPOP (the listener)
 CALL_TIMEOUT = 2.0  # seconds a script call may take, when the client given sets no socket timeout
+PROBE_TTL_MS = 10_000  # the probe's key is only written to see that Redis takes writes; it goes by itself
 SHUTTING_DOWN = "The gateway is shutting down."
 SCRIPTS = ("acquire", "release", "settle", "move", "leave", "dispatch", "renew")
 
@@ -635,7 +636,10 @@ class RedisAdmission(Admission):
                 await asyncio.sleep(self._probe_interval)
                 await self._drop_idle_connections()  # after an outage they are likely dead
                 try:
-                    await self._bounded(self._redis.ping())
+                    # A write, not PING: a Redis out of memory (noeviction) or demoted to a
+                    # replica answers PING but refuses every admission script, so the circuit
+                    # would close and open again at every probe.
+                    await self._bounded(self._redis.set(keys.key(keys.PROBE, self.replica), b"1", px=PROBE_TTL_MS))
                     if (old := await self._too_old()) is not None:  # down at start: not checked yet
                         log.error("Redis %s answers, but admission needs Redis %s or newer; it stays %s",
                                   old, ".".join(map(str, MIN_REDIS)), self.mode)

@@ -11,10 +11,10 @@ def open_store(config: Config, redis_client=None) -> Store:  # type: ignore[no-u
         from gateway.store.redis import RedisStore
 
         assert redis_client is not None, "a Redis store needs the shared Redis client"
-        return RedisStore(redis_client)
+        return RedisStore(redis_client, usage_retention=config.store.usage_retention)
     from gateway.store.sqlite import SQLiteStore
 
-    return SQLiteStore(config.data_dir / "gateway.db")
+    return SQLiteStore(config.data_dir / "gateway.db", usage_retention=config.store.usage_retention)
 
 
 __all__ = ["ApiKey", "Store", "UsageDelta", "open_store"]

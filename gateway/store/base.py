@@ -112,8 +112,52 @@ def new_batch_id() -> str:
 KeyChange = Callable[[ApiKey], ApiKey]
 
 
+HOUR = 3600
+
+
 def hour_of(timestamp: float) -> int:
-    return int(timestamp // 3600 * 3600)
+    return int(timestamp // HOUR * HOUR)
+
+
+# Usage retention, one rule for both stores: an hour's usage is kept whole for `retention` after
+# the hour ends, then deleted whole (no report ever sees part of an hour).
+def usage_expires_at(hour: int, retention: float) -> float:
+    return hour + HOUR + retention
+
+
+def last_expired_hour(now: float, retention: float) -> float:
+    """Hours at or before this have expired at `now` (the inverse of usage_expires_at)."""
+    return now - retention - HOUR
+
+
+# How often a store looks for expired usage: what expires is whole hours, so looking more often
+# finds nothing more.
+USAGE_PRUNE_INTERVAL = HOUR
+
+
+class PruneSchedule:
+    """When a store next looks for expired usage: at its first flush, then at most once an hour.
+
+    A pass that found more than it may delete at once (the first after an upgrade can find
+    years) asks for the next flush to go on, so no single pass holds the store for long. A pass
+    that failed counts as done (unless the whole store is away, and the flush fails with it): it
+    is tried again in an hour, not at every flush with a warning each second."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._last: float | None = None
+
+    def due(self) -> float | None:
+        """The time to prune as of, or None if it is not time yet."""
+        now = self._clock()
+        # (A clock set back makes it due at once, rather than waiting for the clock to catch up.)
+        if self._last is not None and self._last <= now < self._last + USAGE_PRUNE_INTERVAL:
+            return None
+        self._last = now
+        return now
+
+    def go_on(self) -> None:
+        self._last = None
 
 
 class Store(abc.ABC):

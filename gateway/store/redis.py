@@ -1,8 +1,10 @@
 """The shared store: keys and usage in Redis, for several gateway replicas.
 
 Usage counts are HINCRBY on one hash per hour, so concurrent replicas add without losing
-counts; a marker per batch id keeps a retried batch from counting twice. A key changes under
-WATCH (read, change, write, or again if another replica wrote meanwhile). Key changes are
+counts; a marker per batch id keeps a retried batch from counting twice. Each hour's hash
+expires `store.usage_retention` after the hour ends, and an hourly sweep takes expired hours out
+of the index (with their hashes, for those written before there was an expiry). A key changes
+under WATCH (read, change, write, or again if another replica wrote meanwhile). Key changes are
 published on a channel; every replica's auth cache reloads the key it names, so a revocation is
 seen everywhere within milliseconds.
 """
@@ -10,34 +12,64 @@ seen everywhere within milliseconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 import redis.asyncio as redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.config import DEFAULT_USAGE_RETENTION
 from gateway.keyspace import Keyspace
-from gateway.store.base import (BATCH_ID_TTL, USAGE_FIELDS, ApiKey, KeyChange, Store, UsageBatch, UsageDelta,
-                                UsageKey)
+from gateway.store.base import (BATCH_ID_TTL, USAGE_FIELDS, ApiKey, KeyChange, PruneSchedule, Store, UsageBatch,
+                                UsageDelta, UsageKey, last_expired_hour, usage_expires_at)
 
 log = logging.getLogger("gateway.store")
 
-# What an unreachable or silent Redis looks like to its callers (an error reply is not one): the
-# admission's circuit opens on these, and the admin API answers them with a 503.
-OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+# What a Redis that cannot serve looks like to its callers: unreachable or silent, or answering
+# but refusing every write: out of memory under `maxmemory-policy noeviction` (OOM), or a replica
+# (READONLY: the server this connection reaches was demoted by a failover; redis-py's Sentinel
+# client reads it as a lost connection too). Those two refuse before changing anything (a MULTI
+# is aborted whole; a script fails at its first write, never midway), so a caller may treat
+# them as it treats a refused connection. Any other error reply (a script's bug) is not one.
+# The admission's circuit opens on these, and the admin API answers them with a 503.
+OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError, OutOfMemoryError, ReadOnlyError)
+
+# Expired hours one sweep deletes at most; more go on at the next flush. UNLINK frees a hash in
+# Redis's background thread, so a sweep costs Redis little, but the first one after an upgrade
+# may find years of hours, and one command for all of them would hold Redis that much longer.
+SWEEP_BATCH = 100
+STAMP_BATCH = 1000  # PEXPIREATs per pipeline when the kept hours get their expiry
 
 
 class RedisStore(Store):
-    def __init__(self, client: redis.Redis, keyspace: Keyspace | None = None) -> None:
+    def __init__(self, client: redis.Redis, keyspace: Keyspace | None = None, *,
+                 usage_retention: float = DEFAULT_USAGE_RETENTION, clock: Callable[[], float] = time.time) -> None:
         self.redis = client
         self.ks = keyspace or Keyspace()
+        self._usage_retention = usage_retention
+        self._sweep = PruneSchedule(clock)
+        self._kept_hours_stamped = False
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[None]:
+        """Around every write. READONLY: a failover made the server these pooled connections
+        reach a replica. They would keep reaching it (an error reply does not close a
+        connection), so the idle ones are dropped: the next write connects again, to whatever
+        the address reaches now (the new primary, once DNS or the Service follows it)."""
+        try:
+            yield
+        except ReadOnlyError:
+            await self.redis.connection_pool.disconnect(inuse_connections=False)
+            raise
 
     async def create_key(self, key: ApiKey) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self._writing(), self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self.ks.key(key.id), json.dumps(key.to_record()))
             pipe.zadd(self.ks.keys, {key.id: key.created_at})
             pipe.publish(self.ks.keys_changed, key.id)
@@ -63,7 +95,8 @@ class RedisStore(Store):
             return key
 
         # EXEC fails if the record changed after the WATCH; transaction() then runs it all again.
-        return await self.redis.transaction(read_change_write, record, value_from_callable=True)
+        async with self._writing():
+            return await self.redis.transaction(read_change_write, record, value_from_callable=True)
 
     async def all_keys(self) -> list[ApiKey]:
         ids = await self.redis.zrange(self.ks.keys, 0, -1)
@@ -95,6 +128,7 @@ class RedisStore(Store):
 
     async def add_usage(self, batch: UsageBatch) -> None:
         marker = self.ks.usage_batch(batch.id)
+        hours = sorted({hour for hour, _, _ in batch.deltas})
 
         async def apply_once(pipe: Pipeline) -> None:
             if await pipe.exists(marker):
@@ -107,14 +141,74 @@ class RedisStore(Store):
                     value = getattr(delta, name)
                     if value:
                         pipe.hincrby(bucket, f"{key_id}|{model}|{name}", value)
+            for hour in hours:
+                # Every flush into an hour sets the same absolute time, so setting it each time
+                # costs one O(1) command and needs no "is it set yet" round trip. A time already
+                # past deletes the hash at once: usage is never kept past the retention.
+                pipe.pexpireat(self.ks.usage(hour), _ms(usage_expires_at(hour, self._usage_retention)))
                 pipe.zadd(self.ks.usage_hours, {str(hour): hour})
             if batch.last_used:
                 pipe.zadd(self.ks.last_used, batch.last_used, gt=True)
 
-        # Every try WATCHes the marker before it looks. Of two tries whose EXECs both reach Redis
-        # (one timed out while Redis stalled, yet ran when it woke), the later fails: the earlier
-        # set the marker. transaction() then runs that one again, and it finds the marker.
-        await self.redis.transaction(apply_once, marker)
+        async with self._writing():
+            # First: it only deletes, which a Redis at maxmemory (noeviction) still allows, and
+            # may make room for the increments it refuses.
+            await self._sweep_expired_usage()
+            # Every try WATCHes the marker before it looks. Of two tries whose EXECs both reach
+            # Redis (one timed out while Redis stalled, yet ran when it woke), the later fails:
+            # the earlier set the marker. transaction() then runs that one again, and it finds the marker.
+            await self.redis.transaction(apply_once, marker)
+
+    async def _sweep_expired_usage(self) -> None:
+        """At most once an hour per replica (PruneSchedule): expired hours leave the index, and
+        their hashes go too. Most are gone already, by their expiry; the sweep is for those
+        with none (written by a gateway from before this change), and it keeps the index from
+        growing for ever. The first sweep of a process also gives every hour still kept the
+        expiry the current retention gives it."""
+        now = self._sweep.due()
+        if now is None:
+            return
+        try:
+            if await self._delete_expired_hours(now) >= SWEEP_BATCH:
+                self._sweep.go_on()
+            if not self._kept_hours_stamped:
+                await self._stamp_kept_hours(now)
+                self._kept_hours_stamped = True
+        except OUTAGE:
+            self._sweep.go_on()  # the flush fails too; both are tried again together
+            raise
+        except RedisError as exc:  # (an ACL that forbids UNLINK, say): usage is still flushed
+            log.warning("usage retention: the sweep of expired usage failed (%s); tried again in an hour", exc)
+
+    async def _delete_expired_hours(self, now: float) -> int:
+        cutoff = last_expired_hour(now, self._usage_retention)
+        expired = await self.redis.zrangebyscore(self.ks.usage_hours, "-inf", cutoff, start=0, num=SWEEP_BATCH)
+        if expired:
+            # ZREM of exactly the hours whose hashes go, not ZREMRANGEBYSCORE: with a batch
+            # limit, a range would also unlist hours whose hash stays (one with no expiry would
+            # then be in Redis for ever, and in no report). Not a MULTI: out of memory, Redis
+            # refuses every command queued in one, deletions too. In order on one connection
+            # instead: cut off between the two, the index lists an hour whose hash is gone (the
+            # next sweep unlists it), never the reverse.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.unlink(*(self.ks.usage(int(hour)) for hour in expired))
+                pipe.zrem(self.ks.usage_hours, *expired)
+                await pipe.execute()
+            log.debug("usage retention: deleted %d expired hours of usage", len(expired))
+        return len(expired)
+
+    async def _stamp_kept_hours(self, now: float) -> None:
+        """The expiry of an hour is set when usage is added to it, so hours written before this
+        change have none, and hours written under a shorter retention than the current one
+        would expire early. Once per process (a retention change needs a restart), for the
+        hours still kept; idempotent, so replicas starting together do no harm."""
+        cutoff = last_expired_hour(now, self._usage_retention)
+        kept = [int(hour) for hour in await self.redis.zrangebyscore(self.ks.usage_hours, f"({cutoff}", "+inf")]
+        for start in range(0, len(kept), STAMP_BATCH):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for hour in kept[start:start + STAMP_BATCH]:
+                    pipe.pexpireat(self.ks.usage(hour), _ms(usage_expires_at(hour, self._usage_retention)))
+                await pipe.execute()
 
     async def usage(self, start: float, end: float) -> list[tuple[UsageKey, UsageDelta]]:
         hours = [int(h) for h in await self.redis.zrangebyscore(self.ks.usage_hours, start, f"({end}")]
@@ -135,3 +229,7 @@ class RedisStore(Store):
     async def last_used(self) -> dict[str, float]:
         pairs = await self.redis.zrange(self.ks.last_used, 0, -1, withscores=True)
         return {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in pairs}
+
+
+def _ms(timestamp: float) -> int:
+    return int(timestamp * 1000)

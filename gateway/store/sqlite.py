@@ -2,7 +2,8 @@
 
 For one gateway process (the single-box default). Every statement runs on one dedicated thread,
 so the event loop never blocks on disk and SQLite sees one writer. WAL + synchronous=NORMAL:
-a committed key survives a crash of the process; usage is flushed about once a second.
+a committed key survives a crash of the process; usage is flushed about once a second. Usage
+past `store.usage_retention` is deleted by the flush, on the same thread, at most once an hour.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -18,9 +20,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.store.base import BATCH_ID_TTL, ApiKey, KeyChange, Store, UsageBatch, UsageDelta, UsageKey
+from gateway.config import DEFAULT_USAGE_RETENTION
+from gateway.store.base import (BATCH_ID_TTL, ApiKey, KeyChange, PruneSchedule, Store, UsageBatch, UsageDelta,
+                                UsageKey, last_expired_hour)
 
 T = TypeVar("T")
+
+log = logging.getLogger("gateway.store")
+
+# Rows one prune deletes at most. It is one transaction on the store's only thread, which every
+# other store call waits behind: the first prune after an upgrade may find years of rows, and
+# deletes them over a few flushes, a few milliseconds each, rather than in one long transaction.
+PRUNE_BATCH = 10_000
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -73,8 +84,11 @@ def make_private(path: Path) -> None:
 
 
 class SQLiteStore(Store):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, usage_retention: float = DEFAULT_USAGE_RETENTION,
+                 clock: Callable[[], float] = time.time) -> None:
         self.path = path
+        self._usage_retention = usage_retention
+        self._prune = PruneSchedule(clock)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._db: sqlite3.Connection | None = None
         self._changes: asyncio.Queue[str | None] = asyncio.Queue()
@@ -173,6 +187,30 @@ class SQLiteStore(Store):
             )
 
         await self._run(write)
+        await self._prune_usage()
+
+    async def _prune_usage(self) -> None:
+        """Expired usage goes, when it is time to look (PruneSchedule). A transaction of its own,
+        after the flush's: the counts just written stay committed whatever happens here."""
+        now = self._prune.due()
+        if now is None:
+            return
+        cutoff = last_expired_hour(now, self._usage_retention)
+
+        def delete(db: sqlite3.Connection) -> int:
+            # The oldest rows first, found through the primary key's index (hour leads it).
+            return db.execute("DELETE FROM usage WHERE rowid IN (SELECT rowid FROM usage WHERE hour <= ? LIMIT ?)",
+                              (cutoff, PRUNE_BATCH)).rowcount
+
+        try:
+            deleted = await self._run(delete)
+        except sqlite3.Error as exc:
+            log.warning("usage retention: deleting expired usage failed (%s); tried again in an hour", exc)
+            return
+        if deleted >= PRUNE_BATCH:
+            self._prune.go_on()
+        if deleted:
+            log.debug("usage retention: deleted %d rows of usage from hours up to %d", deleted, cutoff)
 
     async def usage(self, start: float, end: float) -> list[tuple[UsageKey, UsageDelta]]:
         def read(db: sqlite3.Connection) -> list[Any]:

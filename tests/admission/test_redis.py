@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from gateway import metrics
 from gateway.admission import keys
@@ -402,25 +402,49 @@ async def test_local_mode_keeps_to_the_replicas_share(make: Make, redis_server: 
 
 
 async def test_the_probe_outlives_an_error_reply_and_closes_the_circuit(make: Make) -> None:
-    # A Redis busy with a long script answers PING with -BUSY: still down, but the probe, the
-    # only thing that closes the circuit, must go on (it used to end the listener for good).
+    # A Redis busy with a long script answers with -BUSY: still down, but the probe, the only
+    # thing that closes the circuit, must go on (it used to end the listener for good).
     admission = await make(probe_interval=0.1)
-    real_ping, errors = admission._redis.ping, 3
+    real_set, errors = admission._redis.set, 3
 
-    async def busy_ping(**options: Any) -> Any:
+    async def busy_set(*args: Any, **options: Any) -> Any:
         nonlocal errors
         if errors:
             errors -= 1
             raise ResponseError("BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSCRIPT.")
-        return await real_ping(**options)
+        return await real_set(*args, **options)
 
-    admission._redis.ping = busy_ping  # type: ignore[method-assign]
+    admission._redis.set = busy_set  # type: ignore[method-assign]
     admission._trip(ConnectionError("test: Redis went away"))
     assert admission.mode == "fail_closed"
     deadline = time.monotonic() + 5
     while admission.mode != "redis" and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert errors == 0 and admission.mode == "redis"
+    await (await admission.acquire(ticket(max_wait=1))).release()
+
+
+async def test_a_redis_that_refuses_writes_keeps_the_circuit_open(make: Make) -> None:
+    # Out of memory under noeviction (or demoted to a replica), Redis still answers PING but
+    # refuses every admission script: the probe writes, so the circuit does not close (and trip
+    # again) at every probe while that lasts.
+    admission = await make(probe_interval=0.1)
+    real_set, full = admission._redis.set, True
+
+    async def set_while_full(*args: Any, **options: Any) -> Any:
+        if full:
+            raise OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory'.")
+        return await real_set(*args, **options)
+
+    admission._redis.set = set_while_full  # type: ignore[method-assign]
+    admission._trip(OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory'."))
+    await asyncio.sleep(0.5)  # five probes
+    assert admission.mode == "fail_closed" and await admission._redis.ping()
+    full = False
+    deadline = time.monotonic() + 5
+    while admission.mode != "redis" and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert admission.mode == "redis"
     await (await admission.acquire(ticket(max_wait=1))).release()
 
 

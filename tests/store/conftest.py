@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -13,7 +14,7 @@ from gateway.store.base import ApiKey, Store, hash_secret
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SQLiteStore
 
-OpenStore = Callable[[], Awaitable[Store]]
+OpenStore = Callable[..., Awaitable[Store]]  # keyword options go to the store (usage_retention, clock)
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -22,9 +23,9 @@ async def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
     opened: list[Store] = []
     redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
 
-    async def open_one() -> Store:
-        s: Store = (RedisStore(aioredis.Redis.from_url(redis_url)) if redis_url
-                    else SQLiteStore(tmp_path / "gateway.db"))
+    async def open_one(**options: Any) -> Store:
+        s: Store = (RedisStore(aioredis.Redis.from_url(redis_url), **options) if redis_url
+                    else SQLiteStore(tmp_path / "gateway.db", **options))
         await s.open()
         opened.append(s)
         return s
