@@ -128,7 +128,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # still sending its oversized head). So this side ends after the answer, what still
         # comes is dropped, and the connection closes when the client closes or after LINGER.
         self._refused = True
-        self.transport.write_eof()
+        if self.transport.can_write_eof():  # (TCP can; a TLS transport could not)
+            self.transport.write_eof()
         self._watch_cancel()
         self._watch = self.loop.call_later(LINGER, self.transport.close)
 
