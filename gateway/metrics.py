@@ -171,7 +171,7 @@ rate_limited = Counter(
 )
 rejected = Counter(
     "gateway_rejected_total",
-    "Requests refused before reaching a backend, by reason (auth, invalid, model_not_found, too_large, unavailable).",
+    "Requests refused before reaching a backend, by reason (auth, invalid, model_not_found, too_large, unavailable, read_timeout).",
     ["reason"], registry=REGISTRY,
 )
 admission_mode = Gauge("gateway_admission_mode", "1 for the admission mode in force (redis, local, fail_closed, memory).",

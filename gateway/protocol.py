@@ -30,6 +30,7 @@ from asyncio import TimerHandle
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway import metrics
 from gateway.errors import GatewayError, HeadTooLarge, RequestTimeout
 
 MAX_HEAD = 64 * 1024  # request line and headers; nginx's default allows 32 KiB, gunicorn ~8 KiB per line
@@ -117,6 +118,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             answer = not self.cycle.response_started
         self._head = None
         self._incomplete = False
+        metrics.rejected.labels(REJECTED[error.status]).inc()  # before any path is known: every one counts
         if not answer:
             self.transport.close()
             return
@@ -140,3 +142,4 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
 
 REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+REJECTED = {408: "read_timeout", 431: "too_large"}  # gateway_rejected_total's reason

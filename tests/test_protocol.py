@@ -43,6 +43,7 @@ def test_a_head_past_the_bound_is_431_and_the_connection_closes(start_gateway: S
     answer = _raw(gateway.url, 4 * MAX_HEAD)
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert b'"code":"request_header_fields_too_large"' in answer
+    assert 'gateway_rejected_total{reason="too_large"} 1.0' in httpx.get(gateway.url + "/metrics", timeout=10).text
 
     near = _raw(gateway.url, MAX_HEAD - 1024)  # big, but within the bound
     assert near.startswith(b"HTTP/1.1 200 "), near[:200]
@@ -94,6 +95,10 @@ def test_a_request_that_stops_coming_is_408_and_the_connection_closes(start_gate
     # A connection that never sends a byte is closed, with nothing to answer.
     answer, closed_after = _talk(gateway.url, [])
     assert answer == b"" and closed_after < 10
+
+    # Each is counted, for a dashboard to show slow or stalled clients.
+    metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
+    assert 'gateway_rejected_total{reason="read_timeout"} 2.0' in metrics, metrics
 
     # A body that keeps coming, pausing less than the bound each time, may take longer in all.
     pieces = [CHAT[i:i + 8] for i in range(0, len(CHAT), 8)]
