@@ -166,11 +166,7 @@ class MemoryAdmission(Admission):
             raise self._refusal(ticket, key, reason, now, timed_out=True) from None
         finally:
             if waiter in key.queue:
-                key.queue.remove(waiter)
-                if not key.queue:
-                    del self._backlogged[ticket.key_id]
-                self._waiting -= 1
-                metrics.queue_depth.labels(ticket.model).dec()
+                self._unqueue(ticket.key_id, key, waiter)
             elif not admitted and waiter.future.done():
                 # Granted in the same instant the wait ended (timeout or a client that left):
                 # the slot goes back at once, never leaked.
@@ -299,11 +295,7 @@ class MemoryAdmission(Admission):
                     if backend is None:
                         waiter.blocked = "capacity"
                         continue  # another of its requests may be for a backend with room
-                    key.queue.remove(waiter)
-                    if not key.queue:
-                        del self._backlogged[key_id]
-                    self._waiting -= 1
-                    metrics.queue_depth.labels(waiter.ticket.model).dec()
+                    self._unqueue(key_id, key, waiter)
                     waiter.future.set_result(self._grant(key, waiter.ticket, backend, now, now - waiter.enqueued))
                     granted = True
                     break
@@ -312,6 +304,14 @@ class MemoryAdmission(Admission):
             if not granted:
                 break
         self._arm_timer(now)
+
+    def _unqueue(self, key_id: str, key: _Key, waiter: _Waiter) -> None:
+        """A waiter leaves its key's queue, granted or not; a key left with none is no longer backlogged."""
+        key.queue.remove(waiter)
+        if not key.queue:
+            del self._backlogged[key_id]
+        self._waiting -= 1
+        metrics.queue_depth.labels(waiter.ticket.model).dec()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
