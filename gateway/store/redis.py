@@ -145,7 +145,7 @@ class RedisStore(Store):
                 # Every flush into an hour sets the same absolute time, so setting it each time
                 # costs one O(1) command and needs no "is it set yet" round trip. A time already
                 # past deletes the hash at once: usage is never kept past the retention.
-                pipe.pexpireat(self.ks.usage(hour), _ms(usage_expires_at(hour, self._usage_retention)))
+                pipe.pexpireat(self.ks.usage(hour), self._usage_expiry_ms(hour))
                 pipe.zadd(self.ks.usage_hours, {str(hour): hour})
             if batch.last_used:
                 pipe.zadd(self.ks.last_used, batch.last_used, gt=True)
@@ -158,6 +158,9 @@ class RedisStore(Store):
             # Redis (one timed out while Redis stalled, yet ran when it woke), the later fails:
             # the earlier set the marker. transaction() then runs that one again, and it finds the marker.
             await self.redis.transaction(apply_once, marker)
+
+    def _usage_expiry_ms(self, hour: int) -> int:
+        return int(usage_expires_at(hour, self._usage_retention) * 1000)
 
     async def _sweep_expired_usage(self) -> None:
         """At most once an hour per replica (PruneSchedule): expired hours leave the index, and
@@ -207,7 +210,7 @@ class RedisStore(Store):
         for start in range(0, len(kept), STAMP_BATCH):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for hour in kept[start:start + STAMP_BATCH]:
-                    pipe.pexpireat(self.ks.usage(hour), _ms(usage_expires_at(hour, self._usage_retention)))
+                    pipe.pexpireat(self.ks.usage(hour), self._usage_expiry_ms(hour))
                 await pipe.execute()
 
     async def usage(self, start: float, end: float) -> list[tuple[UsageKey, UsageDelta]]:
@@ -229,7 +232,3 @@ class RedisStore(Store):
     async def last_used(self) -> dict[str, float]:
         pairs = await self.redis.zrange(self.ks.last_used, 0, -1, withscores=True)
         return {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in pairs}
-
-
-def _ms(timestamp: float) -> int:
-    return int(timestamp * 1000)
