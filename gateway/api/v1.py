@@ -140,7 +140,10 @@ DEPARTURE_WATCH_AFTER = 0.1
 class Departure:
     """Until disarmed, a client that leaves cancels the request's task: one that gives up waiting
     for the runtime's answer frees its slot at once, and closing the upstream request stops the
-    generation nobody will read. (Streams being written have their own watch, in `_relay`.)"""
+    generation nobody will read. It watches a stream's writing too (uvicorn drops writes to a
+    closed connection silently, so nothing else would tell), until the last chunk is written.
+    A task already being cancelled (a stalled client cut by gateway/sendwatch.py, the shutdown)
+    is left to that: a second cancel would outlive the one `uncancel`."""
 
     __slots__ = ("exchange", "task", "watch", "timer", "left")
 
@@ -157,7 +160,7 @@ class Departure:
             self.watch.add_done_callback(self._on_disconnect)
 
     def _on_disconnect(self, watch: asyncio.Future[None]) -> None:
-        if self.task is not None and not watch.cancelled():
+        if self.task is not None and not watch.cancelled() and not self.task.cancelling():
             self.left = True
             self.task.cancel()
 
@@ -244,6 +247,7 @@ async def _forward(gateway: Gateway, exchange: Exchange, call: Call, lease: Leas
     streaming = bool(body.get("stream")) and endpoint != "embeddings"
     tried: list[str] = []
     departure = Departure(exchange)
+    relaying = False  # a stream that started: its watch goes on while it is written
     try:
         while True:
             if not backend.ready:
@@ -269,6 +273,7 @@ async def _forward(gateway: Gateway, exchange: Exchange, call: Call, lease: Leas
                     answer = await gateway.upstream.read(resp, backend.name)
                     data = backend.adapter.response(endpoint, answer, body)
                 gateway.cooldowns.succeeded(backend.name)
+                relaying = streaming
                 break
             except GatewayError as exc:
                 if not _retryable(exc):
@@ -287,12 +292,13 @@ async def _forward(gateway: Gateway, exchange: Exchange, call: Call, lease: Leas
         asyncio.current_task().uncancel()  # type: ignore[union-attr]
         raise ClientClosedRequest("The client disconnected before the answer came.") from None
     finally:
-        departure.disarm()
+        if not relaying:
+            departure.disarm()
 
     headers = [(b"x-request-id", call.request_id.encode()),
                *((name.encode(), value.encode()) for name, value in lease.usage.headers().items())]
     if streaming:
-        await _relay(exchange, gateway.sends.watch(exchange.send, call.request_id), call, headers, first, chunks,
+        await _relay(departure, gateway.sends.watch(exchange.send, call.request_id), call, headers, first, chunks,
                      outcome)
         return
     data["model"] = route.public
@@ -307,56 +313,42 @@ async def _forward(gateway: Gateway, exchange: Exchange, call: Call, lease: Leas
 STALLED = "The client took none of the stream for server.send_timeout."
 
 
-async def _relay(exchange: Exchange, writer: Writer, call: Call, headers: list[tuple[bytes, bytes]], first: bytes,
+async def _relay(departure: Departure, writer: Writer, call: Call, headers: list[tuple[bytes, bytes]], first: bytes,
                  chunks: AsyncIterator[bytes], outcome: StreamOutcome) -> None:
-    """Write the stream. A client that leaves cancels the writing (uvicorn drops writes to a
-    closed connection silently, so nothing else would tell), which closes the upstream response,
-    which stops the generation. So does a client that stops reading (see gateway/sendwatch.py)."""
+    """Write the stream. A client that leaves cancels the writing (`departure`, still armed),
+    which closes the upstream response, which stops the generation. So does a client that stops
+    reading (see gateway/sendwatch.py). The watch is the one the request started with (a task,
+    only once the request has lasted DEPARTURE_WATCH_AFTER), not a second one per stream."""
     task = asyncio.current_task()
     assert task is not None
-    writing = True
-    left = False
-
-    def on_disconnect(watch: asyncio.Future[None]) -> None:
-        nonlocal left
-        if writing and not watch.cancelled() and not writer.stalled:
-            left = True
-            task.cancel()
-
-    watcher: asyncio.Future[None] | None = None
     send = writer.send
     try:
         await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]})
         if outcome.finished or outcome.error:
-            # The whole stream came in the first read (a short answer often does): one last write,
-            # and nothing to wait on, so no watcher.
-            writing = False
+            # The whole stream came in the first read (a short answer often does): one last write.
+            departure.disarm()
             await send({"type": "http.response.body", "body": first})
             return
         await send({"type": "http.response.body", "body": first, "more_body": True})
-        watcher = asyncio.ensure_future(exchange.disconnected())
-        watcher.add_done_callback(on_disconnect)
         async for piece in chunks:
             await send({"type": "http.response.body", "body": piece, "more_body": True})
-        writing = False
+        departure.disarm()  # the answer is whole: a client leaving now changes nothing
         await send({"type": "http.response.body", "body": b""})
     except asyncio.CancelledError:
-        if not (left or writer.stalled):
-            if call.gateway.closing and writing:
-                # Cut by the end of the shutdown's grace period: the client hears why, as from
-                # a runtime that failed mid-stream, and knows to retry.
+        if not (departure.left or writer.stalled):
+            if call.gateway.closing and departure.task is not None:
+                # Cut by the end of the shutdown's grace period while writing: the client hears
+                # why, as from a runtime that failed mid-stream, and knows to retry.
                 outcome.error = BackendUnavailable(SHUTTING_DOWN)
                 await _last_words(send, outcome.error)
             raise
-        left = True
         task.uncancel()
     finally:
-        writing = False
+        departure.disarm()
         call.gateway.sends.forget(writer)  # the writing is over: nothing below may be cut
-        if watcher is not None:
-            watcher.cancel()
         await chunks.aclose()  # closes the upstream response if the stream did not finish
         # 499: the client went away before the end (nginx's convention).
+        left = departure.left or writer.stalled
         status = 499 if left else (outcome.error.status if outcome.error else (200 if outcome.finished else 499))
         if outcome.first_chunk_at is not None:
             model = call.model
