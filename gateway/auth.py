@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,9 @@ from gateway.store.base import ApiKey, Store, hash_secret
 
 log = logging.getLogger("gateway.auth")
 
-FULL_RELOAD_INTERVAL = 60.0  # a safety net under the change feed
+# How often the cache asks a store whose change feed can lose messages (Redis pub/sub) whether
+# any key changed since it last read them all: a safety net under the feed.
+KEYS_VERSION_INTERVAL = 60.0
 RELOAD_RETRY = 1.0  # after a failed reload or refresh
 
 
@@ -65,13 +68,68 @@ def require_admin(request: Request[Any, Any, Any]) -> None:
         raise AuthenticationFailed("Invalid admin key. Admin routes need `Authorization: Bearer <admin key>`.")
 
 
+class KeyIndex:
+    """The keys as `authenticate` reads them: by the hashes that open them, each with its Principal.
+
+    The live index changes one key at a time, on the event loop. A full load builds a new one
+    (`build`, a pure function run in a thread) and the cache swaps it in whole."""
+
+    def __init__(self, defaults: LimitValues) -> None:
+        self.defaults = defaults
+        self.by_id: dict[str, ApiKey] = {}
+        self.by_hash: dict[str, ApiKey] = {}
+        self.principals: dict[str, Principal] = {}
+
+    @classmethod
+    def build(cls, keys: Iterable[ApiKey], defaults: LimitValues) -> KeyIndex:
+        index = cls(defaults)
+        for key in keys:
+            index.put(key.id, key)
+        return index
+
+    def put(self, key_id: str, key: ApiKey | None) -> None:
+        """One key as it now is (None: gone). Its old record's hashes go first: a rotated-out or
+        revoked record left behind would still open, since it matches its own hash."""
+        old = self.by_id.pop(key_id, None)
+        if old is not None:
+            for digest in _indexed_hashes(old):
+                if self.by_hash.get(digest) is old:
+                    del self.by_hash[digest]
+        self.principals.pop(key_id, None)
+        if key is not None:
+            self.by_id[key_id] = key
+            for digest in _indexed_hashes(key):
+                self.by_hash[digest] = key
+            self.principals[key_id] = self._principal(key)
+
+    def set_defaults(self, defaults: LimitValues) -> None:
+        self.defaults = defaults
+        self.principals = {key_id: self._principal(key) for key_id, key in self.by_id.items()}
+
+    def _principal(self, key: ApiKey) -> Principal:
+        d = self.defaults
+        return Principal(
+            key_id=key.id,
+            models=frozenset(key.models) if key.models is not None else None,
+            rpm=key.rpm if key.rpm is not None else d.rpm,
+            tpm=key.tpm if key.tpm is not None else d.tpm,
+            max_concurrency=key.max_concurrency if key.max_concurrency is not None else d.max_concurrency,
+            priority=key.priority,
+        )
+
+
+def _indexed_hashes(key: ApiKey) -> tuple[str, ...]:
+    # The previous hash whether or not its grace period is over: `authenticate` checks the
+    # period at each request, so the index does not depend on the clock.
+    return (key.hash, key.previous_hash) if key.previous_hash else (key.hash,)
+
+
 class KeyCache:
     def __init__(self, store: Store, auth: AuthConfig, defaults: LimitValues) -> None:
         self._store = store
         self._required = auth.required
-        self._by_hash: dict[str, ApiKey] = {}
-        self._by_id: dict[str, ApiKey] = {}
-        self._principals: dict[str, Principal] = {}  # key id -> its Principal, rebuilt with the cache
+        self._index = KeyIndex(defaults)
+        self._loaded_version: int | None = None  # the store's keys_version() before the last reload read it
         self._task: asyncio.Task[None] | None = None
         self._changed_while_loading: list[set[str]] = []  # one set per reload reading the store
         self.set_defaults(defaults)
@@ -80,7 +138,7 @@ class KeyCache:
         """Limits for keys that set none (a config reload may change them)."""
         self._defaults = defaults
         self._anonymous = Principal("anonymous", None, defaults.rpm, defaults.tpm, defaults.max_concurrency, 0)
-        self._rebuild()  # every key's Principal carries the defaults it does not override
+        self._index.set_defaults(defaults)  # every key's Principal carries the defaults it does not override
 
     async def start(self) -> None:
         await self.reload()
@@ -92,21 +150,23 @@ class KeyCache:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def reload(self) -> None:
+        """Every key, decoded and indexed off the event loop (10,000 keys take a few hundred
+        milliseconds, which every request in flight would wait), then swapped in at once."""
         changed: set[str] = set()
         self._changed_while_loading.append(changed)
         try:
+            version = await self._store.keys_version()  # before the keys: any write after it moves it
             keys = await self._store.all_keys()
+            index = await asyncio.to_thread(KeyIndex.build, keys, self._defaults)
         finally:
             self._changed_while_loading.remove(changed)
-        by_id = {k.id: k for k in keys}
-        # A key applied while the store was read is newer than what the read saw.
+        # A key applied while the store was read, or the index built, is newer than what the read saw.
         for key_id in changed:
-            if key_id in self._by_id:
-                by_id[key_id] = self._by_id[key_id]
-            else:
-                by_id.pop(key_id, None)
-        self._by_id = by_id
-        self._rebuild()
+            index.put(key_id, self._index.by_id.get(key_id))
+        if index.defaults is not self._defaults:  # a config reload meanwhile
+            index.set_defaults(self._defaults)
+        self._index = index
+        self._loaded_version = version
 
     async def refresh(self, key_id: str) -> None:
         self._put(key_id, await self._store.get_key(key_id))
@@ -117,33 +177,15 @@ class KeyCache:
         self._put(key.id, key)
 
     def _put(self, key_id: str, key: ApiKey | None) -> None:
-        if key is None:
-            self._by_id.pop(key_id, None)
-        else:
-            self._by_id[key_id] = key
+        self._index.put(key_id, key)
         for changed in self._changed_while_loading:
             changed.add(key_id)
-        self._rebuild()
-
-    def _rebuild(self) -> None:
-        now = time.time()
-        self._by_hash = {h: k for k in self._by_id.values() for h in k.hashes(now)}
-        self._principals = {key.id: self._principal(key) for key in self._by_id.values()}
-
-    def _principal(self, key: ApiKey) -> Principal:
-        d = self._defaults
-        return Principal(
-            key_id=key.id,
-            models=frozenset(key.models) if key.models is not None else None,
-            rpm=key.rpm if key.rpm is not None else d.rpm,
-            tpm=key.tpm if key.tpm is not None else d.tpm,
-            max_concurrency=key.max_concurrency if key.max_concurrency is not None else d.max_concurrency,
-            priority=key.priority,
-        )
 
     async def _follow(self) -> None:
-        """Apply the store's key changes as they come; reload everything at least every
-        FULL_RELOAD_INTERVAL, and whenever the feed may have missed some (it says None).
+        """Apply the store's key changes as they come; reload everything whenever the feed may
+        have missed some: it says None (after a reconnect), or, on a store whose feed can lose
+        messages, its keys version has moved since the last reload (looked at every
+        KEYS_VERSION_INTERVAL).
 
         The feed's next item is awaited with asyncio.wait, which leaves it pending when the
         interval passes first. asyncio.wait_for would cancel it, and cancelling an async
@@ -151,12 +193,14 @@ class KeyCache:
         would be lost until a restart."""
         changes = self._store.key_changes()
         pending: asyncio.Future[str | None] | None = None
-        next_full = time.monotonic() + FULL_RELOAD_INTERVAL
+        stale = False  # the last reload or refresh failed: the change it was for is still missing
+        check_at = self._next_check(stale=False)
         try:
             while True:
                 if pending is None:
                     pending = asyncio.ensure_future(anext(changes))
-                done, _ = await asyncio.wait({pending}, timeout=max(0.0, next_full - time.monotonic()))
+                timeout = None if check_at is None else max(0.0, check_at - time.monotonic())
+                done, _ = await asyncio.wait({pending}, timeout=timeout)
                 key_id: str | None = None
                 if done:
                     step, pending = pending, None
@@ -167,23 +211,42 @@ class KeyCache:
                         await asyncio.sleep(1.0)
                         changes = self._store.key_changes()  # starts with None: a full reload
                         continue
+                checking = check_at is not None and time.monotonic() >= check_at
                 try:
-                    if key_id is None or time.monotonic() >= next_full:
+                    # (A change the feed brought as a check fell due is in what the reload reads.)
+                    if (done and key_id is None) or (checking and (stale or await self._keys_moved())):
                         await self.reload()
-                        next_full = time.monotonic() + FULL_RELOAD_INTERVAL
+                        stale, check_at = False, self._next_check(stale=False)
                     else:
-                        await self.refresh(key_id)
+                        if key_id is not None:
+                            await self.refresh(key_id)
+                        if checking:
+                            check_at = self._next_check(stale=False)
                 except Exception as exc:  # noqa: BLE001 - keep serving from the last good cache
                     # The change it was for is missed until a reload succeeds: the next try is
                     # soon, not a full interval away (after a Redis restart the first read often
                     # meets a dead pooled connection, and a revoked key would open for a minute).
                     log.warning("key cache refresh failed (%s); serving the last loaded keys, reloading in %gs",
                                 exc, RELOAD_RETRY)
-                    next_full = time.monotonic() + RELOAD_RETRY
+                    stale, check_at = True, self._next_check(stale=True)
         finally:
             if pending is not None:
                 pending.cancel()
                 await asyncio.gather(pending, return_exceptions=True)
+
+    def _next_check(self, stale: bool) -> float | None:
+        """When to look next for changes the feed did not bring: soon after a failure, never on a
+        store whose feed misses none (its keys_version() is None)."""
+        if stale:
+            return time.monotonic() + RELOAD_RETRY
+        if self._loaded_version is None:
+            return None
+        return time.monotonic() + KEYS_VERSION_INTERVAL
+
+    async def _keys_moved(self) -> bool:
+        # Every write moves the version, those the feed did bring too: an interval with a key
+        # change ends with a reload (off the event loop); one with none costs a single read.
+        return await self._store.keys_version() != self._loaded_version
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The key behind an `Authorization` header's value."""
@@ -194,10 +257,11 @@ class KeyCache:
             raise AuthenticationFailed(
                 "You didn't provide an API key. Send it as `Authorization: Bearer <key>`; an admin issues keys.")
         digest = hash_secret(secret)
-        key = self._by_hash.get(digest)
+        index = self._index
+        key = index.by_hash.get(digest)
         now = time.time()
         # Found by its hash, so comparing secrets again would add nothing; what is checked is that
         # this hash still opens the key (a rotated-out secret's grace period ends) and the key is live.
         if key is None or not key.usable(now) or (digest != key.hash and digest not in key.hashes(now)):
             raise AuthenticationFailed("Incorrect API key provided, or the key was revoked or has expired.")
-        return self._principals[key.id]
+        return index.principals[key.id]

@@ -4,6 +4,8 @@ Store (keys and usage):
     {p}key:{id}              string  JSON record of one API key (hash of the secret, never the secret)
     {p}keys                  zset    key ids by creation time
     {p}keys:changed          channel key ids changed by any replica (pub/sub)
+    {p}keys:version          string  INCR with every key write, in its MULTI: shows a replica that
+                                     pub/sub lost a change (absent: 0)
     {p}usage:{hour}          hash    "{key_id}|{model}|{field}" -> count, for that hour; expires
                                      store.usage_retention after the hour ends
     {p}usage:hours           zset    the hours that have usage (expired ones swept hourly)
@@ -32,6 +34,10 @@ class Keyspace:
     @property
     def keys_changed(self) -> str:
         return f"{self.prefix}keys:changed"
+
+    @property
+    def keys_version(self) -> str:
+        return f"{self.prefix}keys:version"
 
     def usage(self, hour: int) -> str:
         return f"{self.prefix}usage:{hour}"

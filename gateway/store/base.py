@@ -193,6 +193,12 @@ class Store(abc.ABC):
         """Ids of keys changed by any replica; None means "reload everything". The feed starts
         with None, and sends it again after a reconnect (messages may have been missed)."""
 
+    @abc.abstractmethod
+    async def keys_version(self) -> int | None:
+        """A number that every key write (create, or a modify that writes) changes, for a reader
+        of all_keys to tell later whether it has missed a change the feed lost; None on a store
+        whose feed loses none, where there is nothing to look at."""
+
     # --- usage ---
     @abc.abstractmethod
     async def add_usage(self, batch: UsageBatch) -> None:

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from gateway.store.base import ApiKey, Store, UsageBatch, UsageDelta, UsageKey, hour_of, new_batch_id
+from gateway.store.sqlite import SQLiteStore
 from tests.store.conftest import OpenStore, make_key
 
 
@@ -73,6 +74,24 @@ async def test_change_feed_names_changed_keys(store: Store) -> None:
     assert await asyncio.wait_for(anext(changes), 5) == "key_9"
     assert await asyncio.wait_for(anext(changes), 5) == "key_10"
     await changes.aclose()
+
+
+async def test_keys_version_moves_with_every_key_write(store: Store, open_store: OpenStore) -> None:
+    # A replica compares it with the version it read before it last loaded every key, to find a
+    # change its feed lost; a store whose feed loses none has no version (None, always).
+    other = await open_store()  # another replica
+    versions = [await store.keys_version()]
+    await store.create_key(make_key())
+    versions.append(await store.keys_version())
+    await other.modify_key("key_1", lambda k: k.updated(rpm=1))
+    versions.append(await store.keys_version())
+    await store.modify_key("key_1", lambda k: k)  # nothing written
+    await store.add_usage(batch({}, {"key_1": 1.0}))  # not a key
+    versions.append(await store.keys_version())
+    if isinstance(store, SQLiteStore):
+        assert versions == [None] * 4
+    else:
+        assert None not in versions and len(set(versions[:3])) == 3 and versions[3] == versions[2]
 
 
 async def test_usage_adds_exactly_under_concurrency(store: Store) -> None:

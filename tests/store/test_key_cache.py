@@ -1,25 +1,35 @@
 """The gateway's key cache (gateway.auth.KeyCache) on every store: the change feed keeps it
-current however long the gateway has been idle, and no key written meanwhile is lost."""
+current however long the gateway has been idle, and no key written meanwhile is lost; one key's
+change costs that key's entry, not the whole index; and where the feed can lose a change (Redis
+pub/sub), the keys version finds it, while a store whose feed loses none is never read whole
+on a timer."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from gateway import auth, keys
 from gateway.auth import KeyCache
 from gateway.config import AuthConfig, LimitValues
 from gateway.errors import AuthenticationFailed
+from gateway.keyspace import Keyspace
 from gateway.store.base import ApiKey, Store
+from gateway.store.redis import RedisStore
+from gateway.store.sqlite import SQLiteStore
 from tests.store.conftest import OpenStore
 
 
 @pytest.fixture
 async def cache(store: Store, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[KeyCache]:
-    monkeypatch.setattr(auth, "FULL_RELOAD_INTERVAL", 0.05)  # many idle intervals within a test
+    monkeypatch.setattr(auth, "KEYS_VERSION_INTERVAL", 0.05)  # many idle intervals within a test (Redis)
     key_cache = KeyCache(store, AuthConfig(), LimitValues())
     await key_cache.start()
     yield key_cache
@@ -98,7 +108,7 @@ async def test_the_feed_restarts_when_it_ends(open_store: OpenStore, monkeypatch
             yield item
 
     store.key_changes = short_feed  # type: ignore[method-assign]
-    monkeypatch.setattr(auth, "FULL_RELOAD_INTERVAL", 30.0)  # so only the feed can bring the key
+    monkeypatch.setattr(auth, "KEYS_VERSION_INTERVAL", 30.0)  # so only the feed can bring the key
     cache = KeyCache(store, AuthConfig(), LimitValues())
     await cache.start()
     try:
@@ -110,13 +120,11 @@ async def test_the_feed_restarts_when_it_ends(open_store: OpenStore, monkeypatch
         await cache.stop()
 
 
-
-
 async def test_a_failed_reload_is_tried_again_soon_not_a_full_interval_later(
         store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     # As after a Redis restart: the feed says None (changes may have been missed) and the reload
     # that follows meets a dead connection. A key revoked meanwhile must not open for a minute.
-    monkeypatch.setattr(auth, "FULL_RELOAD_INTERVAL", 30.0)
+    monkeypatch.setattr(auth, "KEYS_VERSION_INTERVAL", 30.0)
     key, secret = await keys.issue(store, {"name": "to-revoke"})
     read_all, failures = store.all_keys, []
     restarted = asyncio.Event()
@@ -144,3 +152,181 @@ async def test_a_failed_reload_is_tried_again_soon_not_a_full_interval_later(
         assert not failures
     finally:
         await cache.stop()
+
+
+def count_full_reads(store: Store) -> list[float]:
+    """The times the store is read whole from now on (a full reload of the cache)."""
+    reads: list[float] = []
+    read_all = store.all_keys
+
+    async def counted() -> list[ApiKey]:
+        reads.append(time.monotonic())
+        return await read_all()
+
+    store.all_keys = counted  # type: ignore[method-assign]
+    return reads
+
+
+async def test_one_key_change_recomputes_that_key_only(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    others = [(await keys.issue(store, {"name": f"other{i}"}))[1] for i in range(50)]
+    cache = KeyCache(store, AuthConfig(), LimitValues())  # not started: the test applies what the admin API would
+    await cache.reload()
+    computed: list[str] = []
+
+    class Counted(auth.Principal):
+        def __init__(self, key_id: str, *args: Any, **kwargs: Any) -> None:
+            computed.append(key_id)
+            super().__init__(key_id, *args, **kwargs)
+
+    monkeypatch.setattr(auth, "Principal", Counted)
+    key, secret = await keys.issue(store, {"name": "new"})
+    cache.apply(key)
+    cache.apply(await keys.update(store, key.id, {"rpm": 5}))
+    await cache.refresh(key.id)
+    assert computed == [key.id] * 3  # not the 50 others each time
+    assert cache.authenticate(f"Bearer {secret}").rpm == 5
+    assert all(cache.authenticate(f"Bearer {other}") for other in others)
+    cache.set_defaults(LimitValues(rpm=7))  # a config reload: every key that sets no rpm of its own
+    assert cache.authenticate(f"Bearer {others[0]}").rpm == 7
+    assert cache.authenticate(f"Bearer {secret}").rpm == 5
+
+
+async def test_a_rotated_out_secret_opens_during_its_grace_only(store: Store) -> None:
+    key, first = await keys.issue(store, {"name": "rotating"})
+    cache = KeyCache(store, AuthConfig(), LimitValues())
+    await cache.reload()
+    rotated, second = await keys.rotate(store, key.id, 60)
+    cache.apply(rotated)
+    assert cache.authenticate(f"Bearer {first}").key_id == cache.authenticate(f"Bearer {second}").key_id == key.id
+    rotated, third = await keys.rotate(store, key.id, 0.3)
+    cache.apply(rotated)
+    refuses(cache, first)()  # two rotations ago: not even the previous secret any more
+    cache.authenticate(f"Bearer {second}")
+    await asyncio.sleep(0.4)
+    refuses(cache, second)()  # its grace period is over
+    cache.authenticate(f"Bearer {third}")
+    rotated, fourth = await keys.rotate(store, key.id, 0)
+    cache.apply(rotated)
+    refuses(cache, third)()  # no grace at all
+    assert cache.authenticate(f"Bearer {fourth}").key_id == key.id
+
+
+async def test_a_revoked_or_vanished_key_no_longer_opens(store: Store) -> None:
+    revoked, revoked_secret = await keys.issue(store, {"name": "revoked"})
+    vanished, vanished_secret = await keys.issue(store, {"name": "vanished"})
+    cache = KeyCache(store, AuthConfig(), LimitValues())
+    await cache.reload()
+    cache.apply(await keys.revoke(store, revoked.id))
+    refuses(cache, revoked_secret)()
+    cache.authenticate(f"Bearer {vanished_secret}")
+
+    async def nothing(key_id: str) -> None:
+        return None
+
+    store.get_key = nothing  # type: ignore[method-assign,assignment]  # as after a Redis flush
+    await cache.refresh(vanished.id)  # the feed named it; the store has no such key now
+    refuses(cache, vanished_secret)()
+
+
+async def test_a_key_applied_while_the_index_is_built_survives_the_reload(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    revoked, revoked_secret = await keys.issue(store, {"name": "to-revoke"})
+    cache = KeyCache(store, AuthConfig(), LimitValues())
+    building, release = threading.Event(), threading.Event()
+    build = auth.KeyIndex.build
+
+    def slow_build(keys: list[ApiKey], defaults: LimitValues) -> auth.KeyIndex:
+        index = build(keys, defaults)  # from what the store held before the changes below
+        building.set()
+        release.wait(5.0)
+        return index
+
+    monkeypatch.setattr(auth.KeyIndex, "build", staticmethod(slow_build))
+    reload = asyncio.create_task(cache.reload())
+    assert await asyncio.to_thread(building.wait, 5.0)
+    key, secret = await keys.issue(store, {"name": "new"})
+    cache.apply(key)
+    cache.apply(await keys.revoke(store, revoked.id))
+    release.set()
+    await reload
+    assert cache.authenticate(f"Bearer {secret}").key_id == key.id
+    refuses(cache, revoked_secret)()
+
+
+class Unheard(Keyspace):
+    """The gateway's keyspace, but what a store using it publishes goes where no replica
+    listens: its writes stand for changes whose pub/sub message was lost."""
+
+    @property
+    def keys_changed(self) -> str:
+        return f"{self.prefix}keys:changed:unheard"
+
+
+@pytest.fixture
+async def redis_stores(redis_url: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    """A replica's store, and another replica's whose change messages are lost."""
+    client = aioredis.Redis.from_url(redis_url)
+    yield RedisStore(client), RedisStore(client, Unheard())
+    await client.aclose()
+
+
+async def test_a_change_whose_message_was_lost_is_found_by_the_keys_version(
+        redis_stores: tuple[RedisStore, RedisStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    store, unheard = redis_stores
+    monkeypatch.setattr(auth, "KEYS_VERSION_INTERVAL", 0.1)
+    key, secret = await keys.issue(store, {"name": "lost"})
+    reads = count_full_reads(store)
+    cache = KeyCache(store, AuthConfig(), LimitValues())
+    await cache.start()
+    try:
+        await eventually(lambda: assert_count(reads, 2))  # at start, and for the feed's first None
+        await asyncio.sleep(0.5)  # five checks with nothing written: nothing read
+        assert_count(reads, 2)
+        await keys.revoke(unheard, key.id)
+        await eventually(refuses(cache, secret), timeout=3.0)
+        await asyncio.sleep(0.3)
+        assert_count(reads, 3)
+    finally:
+        await cache.stop()
+
+
+async def test_a_lost_change_is_found_on_data_from_before_the_keys_version(
+        redis_stores: tuple[RedisStore, RedisStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    # After an upgrade: the keys are there, the counter is not (a gateway from before wrote them).
+    store, unheard = redis_stores
+    monkeypatch.setattr(auth, "KEYS_VERSION_INTERVAL", 0.1)
+    key, secret = await keys.issue(store, {"name": "old"})
+    await store.redis.delete(store.ks.keys_version)
+    assert await store.keys_version() == 0
+    cache = KeyCache(store, AuthConfig(), LimitValues())
+    await cache.start()
+    try:
+        await keys.revoke(unheard, key.id)
+        await eventually(refuses(cache, secret), timeout=3.0)
+    finally:
+        await cache.stop()
+
+
+async def test_the_sqlite_store_is_never_read_whole_on_a_timer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its change feed is in-process and misses nothing: a timer would only repeat what it told.
+    monkeypatch.setattr(auth, "KEYS_VERSION_INTERVAL", 0.02)
+    store = SQLiteStore(tmp_path / "gateway.db")
+    await store.open()
+    reads = count_full_reads(store)
+    cache = KeyCache(store, AuthConfig(), LimitValues())
+    await cache.start()
+    try:
+        await eventually(lambda: assert_count(reads, 2))  # at start, and for the feed's first None
+        await asyncio.sleep(0.3)
+        key, secret = await keys.issue(store, {"name": "new"})
+        await eventually(lambda: cache.authenticate(f"Bearer {secret}"))
+        await asyncio.sleep(0.3)
+        assert_count(reads, 2)
+    finally:
+        await cache.stop()
+        await store.close()
+
+
+def assert_count(reads: list[float], expected: int) -> None:
+    assert len(reads) == expected, f"the store was read whole {len(reads)} times, not {expected}"
