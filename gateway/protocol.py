@@ -6,11 +6,14 @@ hundreds of MiB per connection (httptools keeps a header that has not ended in m
 security audit grew it by 500 MiB with one connection), or hold connections and their tasks for
 ever by sending a request slowly, or half of one, or nothing at all (slowloris). So:
 
-- **size**: past MAX_HEAD bytes of request line and headers, a 431 and the connection closes. The
-  head is counted a read at a time, before each read is parsed, and only while a head is being
-  received. Every byte of a read that arrives while the head is still incomplete belongs to the
-  head, so a request is never refused for the body that follows its head; a head can grow by at
-  most one read past the bound.
+- **size**: past MAX_HEAD bytes of request line and headers, a 431 and the connection closes. A
+  read is looked at before it is parsed: one that would take the head past the bound is
+  searched for the head's end (its blank line), so the head is measured exactly and a request
+  is never refused for the body that follows its head. Reads that stay under the bound cost a
+  comparison; the search runs only on the read that crosses it (and on a first read larger
+  than the bound, where most of it is a body).
+- **malformed** (httptools refuses to parse it): uvicorn's own answer is a text/plain 400; this
+  one is an OpenAI error, as every other answer of the gateway.
 - **time** (`read_timeout`, nginx's client_header_timeout and client_body_timeout): a new
   connection's first request, and any request's head, must arrive whole within it; a body may
   pause for at most that long between two reads (a large body on a slow uplink may take longer
@@ -31,7 +34,8 @@ from asyncio import TimerHandle
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway import metrics
-from gateway.errors import GatewayError, HeadTooLarge, RequestTimeout
+from gateway.api.v1 import request_id
+from gateway.errors import GatewayError, HeadTooLarge, InvalidRequest, RequestTimeout
 
 MAX_HEAD = 64 * 1024  # request line and headers; nginx's default allows 32 KiB, gunicorn ~8 KiB per line
 LINGER = 2.0  # seconds a refused connection still reads (and drops) what comes before it closes
@@ -64,14 +68,29 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # lingering after a refusal: what still comes is dropped
-        if self._head is not None:
-            if self._head > MAX_HEAD:
-                self._refuse(HeadTooLarge(f"The request line and headers are larger than {MAX_HEAD // 1024} KiB."))
+        head = self._head
+        if head is not None:  # a head that began in an earlier read
+            if head + len(data) > MAX_HEAD and _head_size(data, head) > MAX_HEAD:
+                self._refuse(HeadTooLarge(TOO_LARGE))
                 return
-            self._head += len(data)
+            self._head = head + len(data)
+        elif not self._incomplete and len(data) > MAX_HEAD and _head_size(data, 0) > MAX_HEAD:
+            self._head = 0  # a head (what _refuse asks), refused before it is parsed
+            self._refuse(HeadTooLarge(TOO_LARGE))
+            return
         super().data_received(data)
-        if self._incomplete and self._head is None:
-            self._waiting_since = self.loop.time()  # a body is still coming: its pause starts now
+        if self._head is None:
+            if self._incomplete:
+                self._waiting_since = self.loop.time()  # a body is still coming: its pause starts now
+        elif head is None:
+            # A head began in this read and goes on in the next: all of this read counts (what
+            # came before it in the read, the end of a pipelined request, only makes it stricter).
+            self._head = len(data)
+
+    def send_400_response(self, msg: str) -> None:
+        """httptools could not parse the request (uvicorn has logged it): an OpenAI error."""
+        self._head = 0 if self._head is None and not self._incomplete else self._head
+        self._refuse(InvalidRequest("The request is not valid HTTP/1.1.", code="invalid_http_request"))
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -124,7 +143,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         body = error.encode()
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                             b"connection: close\r\n\r\n%s" % (error.status, REASONS[error.status], len(body), body))
+                             b"x-request-id: %s\r\nconnection: close\r\n\r\n%s"
+                             % (error.status, REASONS[error.status], len(body), request_id(None).encode(), body))
         # A lingering close, as nginx's: closing a socket with bytes still unread resets the
         # connection, and a reset can destroy the answer before the client reads it (a client
         # still sending its oversized head). So this side ends after the answer, what still
@@ -141,5 +161,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._watch = None
 
 
-REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
-REJECTED = {408: "read_timeout", 431: "too_large"}  # gateway_rejected_total's reason
+def _head_size(data: bytes, before: int) -> int:
+    """The head's size if it ends in `data`, after `before` bytes of it in earlier reads; else
+    all of `data` counts. (A blank line split between two reads is found a byte or two late.)"""
+    end = data.find(b"\r\n\r\n")
+    return before + (end + 4 if end >= 0 else len(data))
+
+
+TOO_LARGE = f"The request line and headers are larger than {MAX_HEAD // 1024} KiB."
+REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+REJECTED = {400: "invalid", 408: "read_timeout", 431: "too_large"}  # gateway_rejected_total's reason

@@ -4,6 +4,7 @@ a slow body that keeps coming and an idle kept-alive connection still pass."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from urllib.parse import urlsplit
@@ -45,8 +46,24 @@ def test_a_head_past_the_bound_is_431_and_the_connection_closes(start_gateway: S
     assert b'"code":"request_header_fields_too_large"' in answer
     assert 'gateway_rejected_total{reason="too_large"} 1.0' in httpx.get(gateway.url + "/metrics", timeout=10).text
 
+    assert b"x-request-id: req_" in answer  # as every answer of the gateway has one
+
     near = _raw(gateway.url, MAX_HEAD - 1024)  # big, but within the bound
     assert near.startswith(b"HTTP/1.1 200 "), near[:200]
+
+    # Exactly the bound, however the head is cut into reads: just past it in small pieces, in
+    # one burst (the first read), and in a burst after a first small piece.
+    for pieces in ([8 * 1024] * 9, [MAX_HEAD + 4096], [100, MAX_HEAD + 4096]):
+        answer, _ = _talk(gateway.url, [(piece, 0.05) for piece in _head_in(pieces)])
+        assert answer.startswith(b"HTTP/1.1 431 "), (pieces, answer[:200])
+
+    # A head within the bound and a large body in the same read: the body is not the head's.
+    chat = b'{"model":"fake","messages":[{"role":"user","content":"hi"}]}' + b" " * (3 * MAX_HEAD)
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %s\r\nx-pad: %s\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n"
+            % (gateway.new_key().encode(), b"a" * (MAX_HEAD - 300), len(chat)))
+    answer, _ = _talk(gateway.url, [(head + chat, 0)])
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
 
     # The bound is on the head only: a body far larger than it passes (here to a 400 about its JSON).
     body = b"[" + b"1," * (2 * MAX_HEAD) + b"1]"
@@ -54,6 +71,32 @@ def test_a_head_past_the_bound_is_431_and_the_connection_closes(start_gateway: S
                                  headers={"authorization": f"Bearer {gateway.new_key()}",
                                           "content-type": "application/json"})
     assert answer_for_body.status_code == 400, answer_for_body.text
+
+
+def _head_in(pieces: list[int]) -> list[bytes]:
+    """A GET whose head is the sum of `pieces` bytes, cut into pieces of those sizes."""
+    start = b"GET /health HTTP/1.1\r\nhost: x\r\nx-pad: "
+    size = sum(pieces)
+    head = start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
+    out, at = [], 0
+    for n in pieces:
+        out.append(head[at:at + n])
+        at += n
+    return out
+
+
+def test_a_request_that_is_not_http_gets_an_openai_error(start_gateway: StartGateway, fake_upstream: str) -> None:
+    gateway = start_gateway({"backends": [{"name": "up", "runtime": "openai", "url": fake_upstream,
+                                           "serves": ["fake"]}]})
+    for bad in (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: abc\r\n\r\n",
+                b"GET /health HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk\x01x\r\n\r\n"):
+        answer, _ = _talk(gateway.url, [(bad, 0)])
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert b"content-type: application/json" in head and b"x-request-id: req_" in head
+        assert json.loads(body)["error"]["code"] == "invalid_http_request"
+    metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
+    assert 'gateway_rejected_total{reason="invalid"} 2.0' in metrics, metrics
 
 
 def _talk(url: str, sends: list[tuple[bytes, float]], wait: float = 15) -> tuple[bytes, float]:
@@ -84,7 +127,7 @@ def test_a_request_that_stops_coming_is_408_and_the_connection_closes(start_gate
     # Half a head.
     answer, closed_after = _talk(gateway.url, [(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n", 0)])
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
-    assert b'"code":"request_timeout"' in answer and b"connection: close" in answer
+    assert b'"code":"request_timeout"' in answer and b"connection: close" in answer and b"x-request-id: " in answer
     assert closed_after < 10
 
     # A whole head, then part of the body it announced.
