@@ -111,17 +111,24 @@ class HeadTooLarge(GatewayError):
 
 
 class RateLimited(GatewayError):
+    """`kind` is OpenAI's `type` for it: "requests" or "tokens" (per minute), the limit that was
+    hit. `retry_after` None: waiting cannot help (the request is larger than the limit)."""
+
     status = 429
     type = "requests"
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, retry_after: float, headers: dict[str, str] | None = None) -> None:
-        # The official SDKs honour both: retry-after in whole seconds, retry-after-ms exactly.
-        wait = max(retry_after, 0.001)
-        merged = {"retry-after": str(max(1, int(wait + 0.999))), "retry-after-ms": str(int(wait * 1000))}
+    def __init__(self, message: str, *, retry_after: float | None, kind: str = "requests",
+                 headers: dict[str, str] | None = None) -> None:
+        merged: dict[str, str] = {}
+        if retry_after is not None:
+            # The official SDKs honour both: retry-after in whole seconds, retry-after-ms exactly.
+            wait = max(retry_after, 0.001)
+            merged = {"retry-after": str(max(1, int(wait + 0.999))), "retry-after-ms": str(int(wait * 1000))}
         merged.update(headers or {})
         super().__init__(message, headers=merged)
-        self.retry_after = wait
+        self.type = kind
+        self.retry_after = retry_after
 
 
 class ClientClosedRequest(GatewayError):
@@ -131,9 +138,15 @@ class ClientClosedRequest(GatewayError):
 
 
 class BackendUnavailable(GatewayError):
+    """Always with a retry-after (1 s unless told): a client or load balancer should come back,
+    or go to another replica, soon."""
+
     status = 503
     type = "server_error"
     code = "backend_unavailable"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers={"retry-after": "1", **(headers or {})})
 
 
 class UpstreamTimeout(GatewayError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -88,7 +89,8 @@ class Upstream:
             raise UpstreamTimeout("The backend for this model did not answer in time.") from None
         except (aiohttp.ClientError, OSError) as exc:
             metrics.upstream_errors.labels(backend, "connect").inc()
-            raise BackendUnavailable(f"The backend for this model is unreachable ({type(exc).__name__}).") from None
+            log.debug("backend %s unreachable: %r", backend, exc)
+            raise BackendUnavailable(f"The backend for this model is unreachable ({_failure(exc)}).") from None
         if resp.status >= 400:
             try:
                 body = await resp.read()
@@ -111,7 +113,8 @@ class Upstream:
             raise UpstreamTimeout("The backend for this model did not finish in time.") from None
         except aiohttp.ClientError as exc:
             metrics.upstream_errors.labels(backend, "stream").inc()
-            raise BackendUnavailable(f"The backend closed the connection ({type(exc).__name__}).") from None
+            log.debug("backend %s failed while answering: %r", backend, exc)
+            raise BackendUnavailable(f"The backend failed while answering ({_failure(exc)}).") from None
         finally:
             resp.release()
 
@@ -222,7 +225,21 @@ def _stream_error(failure: Exception, backend: str) -> GatewayError:
         return failure
     if kind == "timeout":
         return UpstreamTimeout("The backend did not finish the stream in time.")
-    return BackendUnavailable(f"The backend failed mid-stream ({type(failure).__name__}).")
+    log.debug("backend %s failed mid-stream: %r", backend, failure)
+    return BackendUnavailable(f"The backend failed mid-stream ({_failure(failure)}).")
+
+
+def _failure(exc: BaseException) -> str:
+    """What went wrong with the connection, in words a client can act on (the request's log line
+    carries it too); the exception itself, with aiohttp's class and addresses, only at debug."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        errno = exc.os_error.errno  # (its strerror names the address)
+        return f"could not connect: {os.strerror(errno).lower()}" if errno else "could not connect"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "it closed the connection"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "its answer was cut off"
+    return "connection error"
 
 
 def _ending(outcome: StreamOutcome, last: dict[str, Any], public_model: str, include_usage: bool,

@@ -17,6 +17,7 @@ from adapters.base import Adapter, UpstreamRequest
 from gateway.errors import BackendUnavailable, UpstreamError
 from gateway.upstream import MAX_URLS, StreamOutcome, Upstream, relay_stream
 from tests.conftest import StartGateway
+from tests.helpers import free_port
 
 REPLY = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n"
          b"connection: keep-alive\r\n\r\n{\"ok\":true}")
@@ -76,12 +77,27 @@ async def test_a_server_that_keeps_dropping_requests_is_unavailable() -> None:
     upstream = Upstream(connect_timeout=2, request_timeout=5)
     await upstream.open()
     try:
-        with pytest.raises(BackendUnavailable):
+        with pytest.raises(BackendUnavailable) as caught:
             await _call(upstream, port)
         assert len(connections) == 2  # one retry, not more
+        assert caught.value.message == "The backend for this model is unreachable (it closed the connection)."
+        assert caught.value.headers["retry-after"] == "1"
     finally:
         await upstream.close()
         server.close()
+
+
+async def test_a_backend_nobody_listens_on_is_unavailable_in_words_not_class_names() -> None:
+    upstream = Upstream(connect_timeout=2, request_timeout=5)
+    await upstream.open()
+    try:
+        with pytest.raises(BackendUnavailable) as caught:
+            await _call(upstream, free_port())
+    finally:
+        await upstream.close()
+    # Neither aiohttp's exception class nor the backend's address reaches the client.
+    assert caught.value.message == "The backend for this model is unreachable (could not connect: connection refused)."
+    assert caught.value.headers["retry-after"] == "1"  # as every 503: an SDK waits, then retries
 
 
 # --- errors from the runtime -------------------------------------------------------------------

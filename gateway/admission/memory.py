@@ -123,7 +123,7 @@ class MemoryAdmission(Admission):
     async def acquire(self, ticket: Ticket, disconnected: Disconnected | None = None) -> Lease:
         limits = self._scaled(ticket)
         if limits.tpm is not None and ticket.cost > limits.tpm:
-            raise too_large(ticket, limits.tpm, self._window)
+            raise too_large(ticket, limits.tpm)
         now = self._clock()
         if now >= self._prune_at:
             self._prune(now)
@@ -416,11 +416,12 @@ def show_mode(mode: str, redis_up: bool | None) -> None:
         metrics.redis_up.set(1 if redis_up else 0)
 
 
-def too_large(ticket: Ticket, tpm: int, window: float) -> RateLimited:
+def too_large(ticket: Ticket, tpm: int) -> RateLimited:
     metrics.rate_limited.labels(ticket.model, "too_large").inc()
+    # No retry-after: no wait lets it pass, and an SDK told to wait a minute would, twice.
     return RateLimited(
         f"This request needs about {ticket.cost} tokens, more than the key's limit of {tpm} "
-        "tokens per minute; lower max_tokens or ask for a higher limit.", retry_after=window)
+        "tokens per minute; lower max_tokens or ask for a higher limit.", retry_after=None, kind="tokens")
 
 
 def refusal(ticket: Ticket, reason: str, usage: Usage, retry_after: float, *, timed_out: bool = False) -> Exception:
@@ -443,4 +444,5 @@ def refusal(ticket: Ticket, reason: str, usage: Usage, retry_after: float, *, ti
     }.get(reason, "Rate limit reached.")
     if timed_out:
         message += f" The request waited {ticket.max_wait:g}s in the queue."
-    return RateLimited(message, retry_after=retry_after, headers=usage.headers())
+    return RateLimited(message, retry_after=retry_after, kind="tokens" if reason == "tpm" else "requests",
+                       headers=usage.headers())

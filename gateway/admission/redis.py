@@ -222,7 +222,7 @@ class RedisAdmission(Admission):
     async def acquire(self, ticket: Ticket, disconnected: Disconnected | None = None) -> Lease:
         limits = ticket.limits
         if limits.tpm is not None and ticket.cost > limits.tpm:
-            raise too_large(ticket, limits.tpm, self._window)
+            raise too_large(ticket, limits.tpm)
         if not self._up:
             return await self._degraded(ticket, disconnected, time.monotonic())
         # Zero-padded: the requests of one acquire call share the server's clock, so within a key

@@ -132,8 +132,9 @@ async def test_rate_limited_refusal_tells_the_real_wait(make_admission: MakeAdmi
 async def test_tpm_reserves_then_settles_both_ways(make_admission: MakeAdmission) -> None:
     admission = await make_admission()
     first = await admission.acquire(ticket(cost=80, tpm=100))
-    with pytest.raises(RateLimited):  # 80 reserved + 30 > 100
+    with pytest.raises(RateLimited) as info:  # 80 reserved + 30 > 100
         await admission.acquire(ticket(cost=30, tpm=100, max_wait=0.1))
+    assert info.value.type == "tokens" and "retry-after" in info.value.headers  # OpenAI's type for a TPM limit
     await first.settle(20)  # refund: it used less than reserved
     second = await admission.acquire(ticket(cost=30, tpm=100, max_wait=0.1))
     await second.settle(70)  # debt: it used more than reserved (20 + 70 = 90 now)
@@ -149,7 +150,9 @@ async def test_request_larger_than_tpm_is_refused_at_once(make_admission: MakeAd
     with pytest.raises(RateLimited) as info:
         await admission.acquire(ticket(cost=500, tpm=100, max_wait=5))
     assert time.monotonic() - started < 1.0
-    assert "500" in info.value.message
+    assert "500" in info.value.message and info.value.type == "tokens"
+    # No wait would let it pass: nothing tells a client (an SDK sleeps as told, then retries) to wait.
+    assert "retry-after" not in info.value.headers and "retry-after-ms" not in info.value.headers
 
 
 async def test_max_concurrency(make_admission: MakeAdmission) -> None:
