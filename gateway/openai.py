@@ -54,7 +54,7 @@ Penalty = Annotated[float, Meta(ge=-2, le=2)]
 
 class _Sampling(Struct):
     model: str
-    stream: bool = False
+    stream: bool | None = False  # null allowed, as OpenAI's: not streamed
     stream_options: StreamOptions | None = None
     max_tokens: PositiveInt | None = None
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None

@@ -8,6 +8,13 @@ from gateway.errors import InvalidRequest
 from gateway.openai import decode_request, wants_usage
 
 
+def test_null_is_a_value_where_openai_allows_it() -> None:
+    # OpenAI's schema says `boolean or null` for stream; SDKs and tools send explicit nulls.
+    body = decode_request("chat", b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":null,'
+                                  b'"stream_options":null,"max_tokens":null,"stop":null}')
+    assert body["stream"] is None
+
+
 def test_unknown_parameters_pass_through() -> None:
     body = decode_request("chat", b'{"model":"m","messages":[{"role":"user","content":"hi"}],"top_k":40,"min_p":0.1}')
     assert body["top_k"] == 40 and body["min_p"] == 0.1
