@@ -118,7 +118,14 @@ class Adapter:
 
     def request(self, endpoint: Endpoint, body: dict[str, Any], upstream_model: str) -> UpstreamRequest:
         body = {**body, "model": upstream_model}  # the caller's dict stays as the client sent it
-        if body.get("stream"):
+        if endpoint == "embeddings":
+            # Embeddings never stream: OpenAI's API has no `stream` there, and the gateway answers
+            # them with one JSON object whatever the client sent. vLLM would log both fields as
+            # ignored, llama-server does not read them, and a stricter OpenAI-compatible server
+            # could refuse them: ask every runtime for exactly the one answer the gateway reads.
+            body.pop("stream", None)
+            body.pop("stream_options", None)
+        elif body.get("stream"):
             # Always ask for usage, so accounting never depends on the client; the gateway
             # drops it again for clients that did not ask.
             options = body.get("stream_options")
@@ -133,7 +140,7 @@ class Adapter:
         """The runtime's reply -> the OpenAI object; `request` is the client's body, as decoded."""
         try:
             data = _decode(body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # (nested past the stack)
             raise UpstreamError(502, "The backend returned a response that is not JSON.") from None
         if not isinstance(data, dict):
             raise UpstreamError(502, "The backend returned a response that is not a JSON object.")
@@ -178,7 +185,7 @@ class Adapter:
                                  code="upstream_auth_failed")
         try:
             data: Any = _decode(body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # (nested past the stack)
             text = body.decode("utf-8", "replace").strip()[:500]
             return UpstreamError(status, text or f"The backend answered with status {status}.")
         if isinstance(data, dict):
@@ -262,7 +269,7 @@ class StreamDecoder:
     def json_object(self, payload: bytes) -> dict[str, Any]:
         try:
             value = _decode(payload)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # (nested past the stack)
             raise UpstreamError(502, f"The backend sent a stream {self.unit} that is not JSON.") from None
         if not isinstance(value, dict):
             raise UpstreamError(502, f"The backend sent a stream {self.unit} that is not a JSON object.")
@@ -298,7 +305,7 @@ class SSEDecoder(StreamDecoder):
                 continue
             try:
                 chunk = _decode(raw[6:])  # surrounding whitespace (a `\r`) is JSON whitespace
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):  # (nested past the stack)
                 raise UpstreamError(502, "The backend sent a stream event that is not JSON.") from None
             if type(chunk) is not dict:
                 raise UpstreamError(502, "The backend sent a stream event that is not a JSON object.")

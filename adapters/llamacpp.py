@@ -75,7 +75,7 @@ class LlamaCppAdapter(Adapter):
             return None
         try:
             slots = msgspec.json.decode(body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # (nested past the stack)
             return None
         if not isinstance(slots, list):
             return None

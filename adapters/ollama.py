@@ -13,7 +13,6 @@ refused with a 400, are the table in adapters/README.md.
 from __future__ import annotations
 
 import base64
-import json
 import struct
 import time
 from typing import TYPE_CHECKING, Any
@@ -41,8 +40,15 @@ EXTRA_OPTIONS: dict[str, tuple[str, type | tuple[type, ...]]] = {
 }
 FINISH = {"stop": "stop", "length": "length"}  # `load` / `unload` (no generation) -> "stop"
 NOT_INSTALLED = "try pulling it first"
+# How deeply tool-call arguments may nest (serde_json's default limit). The decoder's own limit is
+# Python's recursion limit less the current stack, which differs where the body is encoded again
+# (deeper inside the native body): anything past it could decode here and fail there, as a 500.
+MAX_ARGUMENTS_DEPTH = 128
 
 _encode = msgspec.json.encode
+# Strict JSON, as the gateway reads request bodies: no NaN or Infinity, no lone surrogate escapes
+# (which would decode, then fail to encode into the upstream body), nothing after the value.
+_decode = msgspec.json.decode
 
 
 def normalize_name(name: str) -> str:
@@ -91,7 +97,7 @@ class OllamaAdapter(Adapter):
             return list(backend.serves)
         try:
             data = msgspec.json.decode(body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # (nested past the stack)
             return list(backend.serves)
         models = data.get("models") if isinstance(data, dict) else None
         installed = {normalize_name(str(m.get(key)))
@@ -378,12 +384,28 @@ def _arguments(arguments: Any, param: str) -> dict[str, Any]:
     if arguments is None or (isinstance(arguments, str) and not arguments.strip()):
         return {}
     try:
-        parsed = json.loads(arguments) if isinstance(arguments, str) else None
-    except ValueError:
+        parsed = _decode(arguments) if isinstance(arguments, str) else None
+    except (msgspec.DecodeError, RecursionError, UnicodeEncodeError):
+        # RecursionError: nested past the stack; UnicodeEncodeError: a str with a raw surrogate
+        # (no decoded body holds one, but every failure is the client's same 400).
         parsed = None
-    if not isinstance(parsed, dict):
-        raise InvalidRequest("Tool call arguments must be a JSON object encoded as a string.", param=param)
+    if not isinstance(parsed, dict) or _nests_deeper(parsed, MAX_ARGUMENTS_DEPTH):
+        raise InvalidRequest("Tool call arguments must be a JSON object encoded as a string (strict JSON, "
+                             f"nested at most {MAX_ARGUMENTS_DEPTH} deep).", param=param)
     return parsed
+
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """Whether objects and lists nest more than `limit` deep in a decoded JSON value (walked
+    without recursion, since the value may be as deep as the stack allows)."""
+    pending: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def _format(response_format: Any) -> Any:

@@ -83,9 +83,15 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = None
 
 
+# OpenAI refuses an empty input, and the runtimes disagree on one (Ollama answers 200 with no
+# embeddings, llama-server refuses [[]] and vLLM embeds it): refused here, once, for every runtime.
+Text = Annotated[str, Meta(min_length=1)]
+TokenIds = Annotated[list[int], Meta(min_length=1)]
+
+
 class EmbeddingRequest(Struct):
     model: str
-    input: str | list[str | int | list[int]]
+    input: Text | Annotated[list[Text | int | TokenIds], Meta(min_length=1)]
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: PositiveInt | None = None
     user: str | None = None

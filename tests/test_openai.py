@@ -31,6 +31,10 @@ def test_unknown_parameters_pass_through() -> None:
     ("completions", b'{"model":"m"}', "prompt", "Missing"),
     ("embeddings", b'{"model":"m","input":{"a":1}}', "input", None),
     ("embeddings", b'{"model":"m","input":"x","encoding_format":"hex"}', "encoding_format", None),
+    ("embeddings", b'{"model":"m","input":[]}', "input", "length >= 1"),
+    ("embeddings", b'{"model":"m","input":""}', "input", "length >= 1"),
+    ("embeddings", b'{"model":"m","input":["a",""]}', "input[1]", "length >= 1"),
+    ("embeddings", b'{"model":"m","input":[[1],[]]}', "input[1]", "length >= 1"),
 ])
 def test_invalid_fields_are_named(endpoint: str, body: bytes, param: str, fragment: str | None) -> None:
     with pytest.raises(InvalidRequest) as info:

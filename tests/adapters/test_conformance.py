@@ -200,6 +200,30 @@ def test_embeddings_base64_on_the_wire(http: httpx.Client, rt: Runtime) -> None:
     assert isinstance(encoded, str) and len(base64.b64decode(encoded)) % 4 == 0
 
 
+@each_runtime
+def test_embeddings_asked_to_stream_answer_one_json_object(http: httpx.Client, backend_urls: dict[str, str],
+                                                            rt: Runtime) -> None:
+    r = http.post("/v1/embeddings", json={"model": rt.alias, "input": "red", "encoding_format": "float",
+                                          "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert body["object"] == "list" and len(body["data"]) == 1
+    assert set(body["usage"]) == {"prompt_tokens", "total_tokens"}
+    if rt in FAKED:  # embeddings have no stream: the runtime is not asked for one
+        sent = last_request(backend_urls, rt)
+        assert "input" in sent and "stream" not in sent and "stream_options" not in sent
+
+
+@each_runtime
+def test_empty_embeddings_input(http: httpx.Client, rt: Runtime) -> None:
+    # Ollama answered 200 with no embeddings for [] and ""; llama-server refused [[]], vLLM
+    # embedded it. Refused everywhere alike, as OpenAI refuses an empty input.
+    for empty, param in (([], "input"), ("", "input"), (["a", ""], "input[1]"), ([[]], "input[0]")):
+        error = error_of(http.post("/v1/embeddings", json={"model": rt.alias, "input": empty}), 400)
+        assert error["type"] == "invalid_request_error" and error["param"] == param, (empty, error)
+
+
 # --- tools -----------------------------------------------------------------------------------
 
 
@@ -414,6 +438,23 @@ def test_ollama_gets_native_requests(client: openai.OpenAI, http: httpx.Client, 
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]}])
     assert last_request(backend_urls, ollama)["messages"] == [
         {"role": "user", "content": "What is this?", "images": [png]}]
+
+
+@pytest.mark.parametrize("arguments", [
+    "[" * 1000 + "]" * 1000,  # was a RecursionError: 500 internal_error
+    '{"city": "\\ud800"}',  # a lone surrogate: was a 500 when the upstream body was encoded
+    '{"city": NaN, "days": Infinity}',  # was sent to Ollama as nulls
+])
+def test_ollama_refuses_tool_arguments_that_are_not_strict_json(http: httpx.Client, arguments: str) -> None:
+    ollama = next(r for r in RUNTIMES if r.name == "ollama")
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    r = http.post("/v1/chat/completions", json={"model": ollama.alias, "messages": messages, "max_tokens": 2})
+    error = error_of(r, 400)
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == "messages[1].tool_calls[0].function.arguments"
 
 
 def test_vllm_gets_stream_options_only_when_streaming(http: httpx.Client, backend_urls: dict[str, str]) -> None:

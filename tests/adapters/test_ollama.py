@@ -7,11 +7,12 @@ import base64
 import json
 import struct
 
+import msgspec
 import pytest
 
 from adapters import for_runtime
 from adapters.base import Health
-from adapters.ollama import OllamaAdapter
+from adapters.ollama import MAX_ARGUMENTS_DEPTH, OllamaAdapter
 from gateway.config import BackendConfig
 from gateway.errors import InvalidRequest, UpstreamError
 from tests.adapters.helpers import collect
@@ -114,6 +115,39 @@ def test_bad_tool_arguments_are_a_400(adapter: OllamaAdapter) -> None:
     with pytest.raises(InvalidRequest) as info:
         chat(adapter, messages=messages)
     assert info.value.param == "messages[0].tool_calls[0].function.arguments"
+
+
+@pytest.mark.parametrize("arguments", [
+    "[" * 1000 + "]" * 1000,  # deeper than the decoder can go: was a RecursionError, a 500
+    '{"a":' * 1000 + "1" + "}" * 1000,
+    '{"a":' * 200 + "1" + "}" * 200,  # decodable, but deeper than the cap (encoding upstream could fail)
+    '{"a":"\\ud800"}',  # a lone surrogate escape: was parsed, then the upstream body could not be encoded
+    '{"a":"\\udc00x"}',
+    '{"a":NaN,"b":Infinity}',  # not JSON: reached Ollama as null, null
+    '{"a":-Infinity}',
+    '{"a":1e400}',  # beyond a double: reached Ollama as null
+    '{"a":1} {"b":2}',
+])
+def test_tool_arguments_that_are_not_strict_json_are_the_same_400(adapter: OllamaAdapter, arguments: str) -> None:
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{}"}},
+                                                      {"id": "d", "function": {"name": "g", "arguments": arguments}}]}]
+    with pytest.raises(InvalidRequest) as info:
+        chat(adapter, messages=messages)
+    assert info.value.param == "messages[1].tool_calls[1].function.arguments"
+    assert (info.value.status, info.value.type) == (400, "invalid_request_error")
+
+
+def test_tool_arguments_as_deep_as_the_cap_still_reach_ollama(adapter: OllamaAdapter) -> None:
+    nesting = MAX_ARGUMENTS_DEPTH - 1  # objects around the innermost list, which is one level too
+    arguments = '{"a":' * nesting + '[1, 2.5, "\\ud83d\\ude00"]' + "}" * nesting  # a surrogate *pair* is fine
+    expected: object = [1, 2.5, "\U0001f600"]
+    for _ in range(nesting):
+        expected = {"a": expected}
+    body = chat(adapter, messages=[{"role": "assistant", "tool_calls": [{"function": {"name": "f",
+                                                                                       "arguments": arguments}}]}])
+    assert body["messages"][0]["tool_calls"][0]["function"]["arguments"] == expected
+    msgspec.json.encode(body)  # what the gateway sends upstream
 
 
 @pytest.mark.parametrize(("assistant", "param"), [
@@ -219,6 +253,12 @@ def test_embed_request(adapter: OllamaAdapter) -> None:
     with pytest.raises(InvalidRequest) as info:
         adapter.request("embeddings", {"model": "p", "input": [[1, 2]]}, "m")
     assert info.value.param == "input"
+
+
+def test_embed_request_never_streams(adapter: OllamaAdapter) -> None:
+    request = adapter.request("embeddings", {"model": "p", "input": "a", "stream": True,
+                                             "stream_options": {"include_usage": True}}, "nomic-embed-text")
+    assert "stream" not in request.body and "stream_options" not in request.body  # /api/embed has neither
 
 
 # --- responses: native -> OpenAI ---------------------------------------------------------------
