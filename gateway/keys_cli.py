@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         p.add_argument("--max-concurrency", type=int)
         p.add_argument("--priority", type=int)
         p.add_argument("--expires-in", help="e.g. 3600, 12h, 30d")
-        p.add_argument("--expires-at", help="RFC 3339 time, e.g. 2027-01-01T00:00:00Z")
+        p.add_argument("--expires-at", help="RFC 3339 time, e.g. 2027-01-01T00:00:00Z (UTC when it has no offset)")
         p.add_argument("--metadata", help="a JSON object")
 
     create = verbs.add_parser("create", help="issue a key (the secret is shown once)")

@@ -8,7 +8,7 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
@@ -27,20 +27,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.admin")
 
-PositiveInt = Annotated[int, Meta(ge=1)]
+# rpm, tpm and max_concurrency go into Redis's Lua (doubles) and every rate-limit header: a number of
+# hundreds of digits is a typo, not a limit, and 2**31 - 1 is far past what any one key needs.
+MAX_LIMIT = 2**31 - 1
+Limit = Annotated[int, Meta(ge=1, le=MAX_LIMIT)]
 Priority = Annotated[int, Meta(ge=-100, le=100)]
 Name = Annotated[str, Meta(min_length=1, max_length=200)]
 Models = Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(max_length=1000)]
-When = str | int | float  # RFC 3339 text or unix seconds
+When = str | int | float  # RFC 3339 text (read as UTC when it has no offset) or unix seconds
 Duration = str | int | float  # seconds, or "90s", "15m", "12h", "30d"
 
 
 class KeyCreate(Struct, forbid_unknown_fields=True):
     name: Name
     models: Models | None = None
-    rpm: PositiveInt | None = None
-    tpm: PositiveInt | None = None
-    max_concurrency: PositiveInt | None = None
+    rpm: Limit | None = None
+    tpm: Limit | None = None
+    max_concurrency: Limit | None = None
     priority: Priority = 0
     expires_at: When | None = None
     expires_in: Duration | None = None
@@ -50,9 +53,9 @@ class KeyCreate(Struct, forbid_unknown_fields=True):
 class KeyUpdate(Struct, forbid_unknown_fields=True):
     name: Name | UnsetType = UNSET
     models: Models | None | UnsetType = UNSET
-    rpm: PositiveInt | None | UnsetType = UNSET
-    tpm: PositiveInt | None | UnsetType = UNSET
-    max_concurrency: PositiveInt | None | UnsetType = UNSET
+    rpm: Limit | None | UnsetType = UNSET
+    tpm: Limit | None | UnsetType = UNSET
+    max_concurrency: Limit | None | UnsetType = UNSET
     priority: Priority | UnsetType = UNSET
     expires_at: When | None | UnsetType = UNSET
     expires_in: Duration | None | UnsetType = UNSET
@@ -67,6 +70,12 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 # Longer is a typo ("999999999d"), and now + a century stays well inside what keys.iso can show.
 MAX_DURATION = 100 * 365 * 86400
+# `metadata` is the operator's own labels (team, owner, ticket), in any JSON. It is kept in the key's
+# record, in every replica's key cache and in every listing, so it is bounded: nesting deep enough
+# crashed the store's encoder (a RecursionError, answered 500), and its size had no bound but the
+# body's. Labels need neither; OpenAI's own `metadata` is 16 flat pairs of at most 64 + 512 characters.
+MAX_METADATA_DEPTH = 16  # the metadata object itself is level 1: {"a": {"b": 1}} is 2
+MAX_METADATA_BYTES = 16 * 1024  # encoded as compact JSON
 
 
 def _seconds(value: Duration, field: str) -> float:
@@ -85,12 +94,18 @@ def _seconds(value: Duration, field: str) -> float:
 
 
 def _timestamp(value: When, field: str) -> float:
-    """Checked before anything is stored, like `_seconds`: NaN, infinities and years past 9999 are refused."""
+    """Checked before anything is stored, like `_seconds`: NaN, infinities and years past 9999 are refused.
+
+    Text without an offset ("2026-01-01T00:00:00", "2026-01-01") is read as UTC: the server's
+    local time would make the same request mean different instants on different machines."""
     if isinstance(value, (int, float)):
         timestamp = _float(value)
     else:
         try:
-            timestamp = datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=timezone.utc)
+            timestamp = parsed.timestamp()
         except (ValueError, OverflowError):
             raise InvalidRequest(f"Invalid value for '{field}': expected RFC 3339 time or unix seconds.",
                                  param=field) from None
@@ -98,6 +113,22 @@ def _timestamp(value: When, field: str) -> float:
         raise InvalidRequest(f"Invalid value for '{field}': between 1970-01-01T00:00:00Z and 9999-12-31T23:59:59Z "
                              f"(unix seconds {keys.EARLIEST:.0f} to {keys.LATEST:.0f}).", param=field)
     return timestamp
+
+
+def _metadata(value: dict[str, Any]) -> None:
+    """Checked before anything is stored: at most MAX_METADATA_DEPTH levels, MAX_METADATA_BYTES as JSON."""
+    # The depth before the size, and without recursion: encoding metadata nested hundreds deep is what failed.
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if depth > MAX_METADATA_DEPTH:
+            raise InvalidRequest(f"Invalid value for 'metadata': nested at most {MAX_METADATA_DEPTH} levels deep.",
+                                 param="metadata")
+        children = node.values() if isinstance(node, dict) else node
+        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    if len(msgspec.json.encode(value)) > MAX_METADATA_BYTES:
+        raise InvalidRequest(f"Invalid value for 'metadata': at most {MAX_METADATA_BYTES // 1024} KiB as JSON.",
+                             param="metadata")
 
 
 def _float(number: int | float) -> float:
@@ -119,6 +150,8 @@ def _expiry(expires_at: Any, expires_in: Any) -> float | None:
 
 def _fields(body: KeyCreate | KeyUpdate) -> dict[str, Any]:
     fields = {f: getattr(body, f) for f in body.__struct_fields__ if getattr(body, f) is not UNSET}
+    if "metadata" in fields:
+        _metadata(fields["metadata"])
     if "expires_at" in fields or "expires_in" in fields:
         fields["expires_at"] = _expiry(fields.pop("expires_at", None), fields.pop("expires_in", None))
     return fields
@@ -228,6 +261,13 @@ async def usage(request: Request[Any, Any, Any]) -> Response[Any]:
     now = time.time()
     end = _timestamp(_num(q["end"]), "end") if q.get("end") else now + 3600
     start = _timestamp(_num(q["start"]), "start") if q.get("start") else now - 86400
+    if end < start:
+        # An empty answer would read as "no usage" when it is the range that is wrong. Named: the
+        # one the admin gave (`end` when both), told against the default they may not have meant.
+        param = "end" if q.get("end") else "start"
+        raise InvalidRequest(
+            f"Invalid value for '{param}': `end` ({keys.iso(end)}{'' if q.get('end') else ', the default'}) "
+            f"is before `start` ({keys.iso(start)}{'' if q.get('start') else ', the default'}).", param=param)
     group_by = [g for g in q.get("group_by", "key,model").split(",") if g]
     if unknown := set(group_by) - _GROUPS:
         raise InvalidRequest(f"Invalid value for 'group_by': unknown {sorted(unknown)}; use key, model, hour, day.",
