@@ -138,9 +138,11 @@ class StoreConfig(_Section):
 
 
 class LimitValues(_Section):
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    max_concurrency: int | None = Field(default=None, ge=1)
+    # Bounded as a key's own limits are (gateway/api/admin_keys.py): they reach Redis's Lua
+    # (doubles) and every rate-limit header.
+    rpm: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    tpm: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    max_concurrency: int | None = Field(default=None, ge=1, le=2**31 - 1)
 
 
 class LimitsConfig(_Section):

@@ -107,6 +107,14 @@ def test_units_and_interpolation() -> None:
     assert config.admin.key == "s3cret"
 
 
+def test_default_limits_are_bounded_as_a_keys_own() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse({"limits": {"default": {"rpm": 2**31, "tpm": 0}}, "backends": [LLAMA]}, base_dir=Path("/srv"), env={})
+    assert [p.split(":")[0] for p in info.value.problems] == ["limits.default.rpm", "limits.default.tpm"]
+    config = parse({"limits": {"default": {"rpm": 2**31 - 1}}, "backends": [LLAMA]}, base_dir=Path("/srv"), env={})
+    assert config.limits.default.rpm == 2**31 - 1
+
+
 def test_load_reports_yaml_syntax_errors(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("backends:\n  - name: a\n   runtime: x\n")
