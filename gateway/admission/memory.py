@@ -141,6 +141,11 @@ class MemoryAdmission(Admission):
             raise self._refusal(ticket, key, self._blocked(key, ticket, now) or "capacity", now)
         if len(key.queue) >= self._max_per_key:
             raise self._refusal(ticket, key, "key_queue_full", now)
+        if self._blocked(key, ticket, now) == "rpm" and self._retry_after(key, ticket, "rpm", now) > ticket.max_wait:
+            # Its key's window frees later than it may wait: told now, with the real wait, rather
+            # than after max_wait in a queue place. (Only rpm: a grant never leaves the window
+            # early, where tokens can come back before their time when a request settles.)
+            raise self._refusal(ticket, key, "rpm", now)
         waiter = _Waiter(ticket, (-ticket.limits.priority, next(self._ids)),
                          asyncio.get_running_loop().create_future(), now)
         if not key.queue:

@@ -233,7 +233,7 @@ class RedisAdmission(Admission):
         # Registered before the call: a grant may reach the listener before this reply does.
         self._waiters[entry] = waiter
         request = "\t".join((entry, ticket.key_id, str(max(-100, min(100, limits.priority))),
-                             "1" if ticket.max_wait > 0 else "0", *map(str, _ticket_args(ticket))))
+                             str(max(0, int(ticket.max_wait * 1000))), *map(str, _ticket_args(ticket))))
         admission = _Admission(entry, ticket, request, loop.create_future())
         try:
             if self._sending:  # it goes with the next call, once the one on its way is answered
