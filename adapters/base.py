@@ -322,6 +322,8 @@ class SSEDecoder(StreamDecoder):
             if payload == b"[DONE]":
                 self.finished = True
                 return
+            if payload == b"null":
+                return  # llama-server opens a streamed completion of a prompt list with one: no chunk
             chunk = self.json_object(payload)
             if "error" in chunk:
                 raise self._error(None, payload)

@@ -97,4 +97,13 @@ class LlamaCppAdapter(Adapter):
         err = super().error(status, body)
         if b"exceed_context_size_error" in body:
             err.type, err.code = "invalid_request_error", "context_length_exceeded"
+        elif status == 500 and any(fault in body for fault in CLIENT_FAULTS):
+            # The request's fault, answered 500 (llama-server's message parser throws, and the
+            # throw becomes a server error): as a 500 the SDKs would send it twice more, and the
+            # gateway would fail it over and cool a healthy backend down for it.
+            err.status, err.type, err.code, err.param = 400, "invalid_request_error", None, "messages"
         return err
+
+
+# Messages llama-server answers with status 500 for content it cannot take or parse.
+CLIENT_FAULTS = (b"image input is not supported", b"audio input is not supported", b"Failed to parse messages")

@@ -159,6 +159,8 @@ def split_finish(endpoint: str, data: dict[str, Any]) -> list[dict[str, Any]]:
     token.pop("usage", None)
     empty: dict[str, Any] = {"text": ""} if endpoint == "completions" else {"delta": {}}
     finish = {**data, "choices": [{**{k: v for k, v in choice.items() if k not in ("text", "delta")}, **empty}]}
+    if "logprobs" in choice:
+        finish["choices"][0]["logprobs"] = None  # the token's, already on the token chunk: not twice
     return [token, finish]
 
 

@@ -345,6 +345,14 @@ async def test_a_token_that_spells_usage_or_error_is_forwarded_as_text() -> None
     assert outcome.usage == USAGE and outcome.error is None
 
 
+async def test_a_null_event_is_no_chunk() -> None:
+    # llama-server opens a streamed completion of a prompt list with `data: null`.
+    events, outcome = await relayed([event("null"), event(chunk("a")), event(chunk(None, finish="stop", usage=USAGE)),
+                                     event("[DONE]")], include_usage=False)
+    assert json.loads(events[0])["choices"][0]["delta"]["content"] == "a" and len(events) == 3
+    assert outcome.finished and outcome.error is None
+
+
 async def test_every_way_of_writing_an_sse_line_is_read() -> None:
     # CRLF line ends (`[DONE]\r` included), `data:` without its space or with two, comments,
     # `event:` and `id:` fields, and an event split between reads right after `data: `.

@@ -489,7 +489,10 @@ def _ticket(gateway: Gateway, principal: Principal, route: Route, backends: Sequ
                 native = body.get(name)
                 if type(native) is int and budget < native <= MAX_TOKENS:
                     budget = native
-        completion = budget * (body.get("n") or 1)
+        prompt = body.get("prompt") if endpoint == "completions" else None
+        # A list of prompts (texts or token lists; a list of ints is one prompt) is one answer each.
+        prompts = sum(1 for p in prompt if not isinstance(p, int)) or 1 if isinstance(prompt, list) else 1
+        completion = budget * (body.get("n") or 1) * prompts
     cost = len(raw) // 4 + completion
     return Ticket(
         key_id=principal.key_id,

@@ -131,3 +131,17 @@ async def test_stream_cut_off_without_done_is_an_error(adapter: LlamaCppAdapter)
     with pytest.raises(UpstreamError) as info:
         await collect(adapter, "chat", sse(ROLE), sse(chunk({"content": "half an ans"})))  # the runtime died
     assert info.value.status == 502 and "before it finished" in info.value.message
+
+
+@pytest.mark.parametrize("message", ["image input is not supported - hint: if this is unexpected, you may need "
+                                     "to provide the mmproj", "audio input is not supported",
+                                     "Failed to parse messages: [json.exception.out_of_range.403] key 'text' not found"])
+def test_the_requests_own_faults_answered_500_are_a_400(adapter: LlamaCppAdapter, message: str) -> None:
+    # As llama-server answers them: a 500 would be retried by the SDKs and cool the backend down.
+    err = adapter.error(500, json.dumps({"error": {"code": 500, "message": message, "type": "server_error"}}).encode())
+    assert (err.status, err.type, err.param, err.message) == (400, "invalid_request_error", "messages", message)
+
+
+def test_a_500_of_its_own_stays_a_500(adapter: LlamaCppAdapter) -> None:
+    err = adapter.error(500, b'{"error":{"code":500,"message":"failed to decode the batch","type":"server_error"}}')
+    assert (err.status, err.type) == (500, "server_error")

@@ -216,3 +216,11 @@ def test_metrics_new_name_wins_and_garbage_is_no_report(adapter: VllmAdapter) ->
     assert adapter.load(200, both.encode()).kv_cache_usage_ratio == 0.5
     assert adapter.load(200, b"# nothing here\n") is None
     assert adapter.load(503, b"") is None
+
+
+async def test_the_split_finish_keeps_the_last_tokens_logprobs_once(adapter: VllmAdapter) -> None:
+    logprobs = {"content": [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": []}]}
+    last = chunk({"content": "Hi"}, "stop")
+    last["choices"][0]["logprobs"] = logprobs  # vLLM: the last token, its logprobs and finish_reason together
+    chunks = await collect(adapter, "chat", sse(last), "", sse("[DONE]"))
+    assert [c["choices"][0]["logprobs"] for c in chunks] == [logprobs, None]  # a client joining them gets one

@@ -181,6 +181,18 @@ def test_the_reservation_counts_only_fields_checked_for_the_endpoint(gateway: Ga
         assert r.status_code == 200, r.text
 
 
+def test_a_list_of_prompts_reserves_an_answer_for_each(gateway: GatewayProcess) -> None:
+    key = gateway.admin("POST", "/admin/keys", json={"name": "prompts", "tpm": 2_000}).json()["key"]
+    with gateway.http(key) as client:
+        # Eight prompts of 300 tokens each is 2,400 tokens, not 300: refused before it runs.
+        r = client.post("/v1/completions", json={"model": "fast", "prompt": ["a"] * 8, "max_tokens": 300})
+        assert r.status_code == 429 and "needs about 24" in r.json()["error"]["message"], r.text
+        # A list of token ids is one prompt, as is a list holding one prompt.
+        for one in ([1, 2, 3], [[1, 2, 3]], ["a"]):
+            r = client.post("/v1/completions", json={"model": "fast", "prompt": one, "max_tokens": 300})
+            assert r.status_code == 200, (one, r.text)
+
+
 def test_llama_cpps_own_length_field_counts_in_the_reservation(start_gateway: StartGateway) -> None:
     # The audit's case: a tpm 300 key sent max_tokens 1 with n_predict 1000, which llama-server
     # obeys, and generated 1,000 tokens on a 1-token reservation.
