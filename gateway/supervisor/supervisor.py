@@ -127,6 +127,9 @@ class Supervisor:
     def __init__(self, config: Config) -> None:
         self.backends: dict[str, Backend] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        # name -> the retire of its last incarnation, across reloads: a name's next incarnation
+        # starts only once every earlier one is gone, however many reloads came in between.
+        self._retiring: dict[str, asyncio.Task[None]] = {}
         self._bringing: dict[str, asyncio.Task[None]] = {}
         self._waiting: collections.Counter[str] = collections.Counter()  # ensure_ready callers per backend
         self._locks: dict[str, asyncio.Lock] = {}
@@ -191,15 +194,18 @@ class Supervisor:
         }
         self._secrets = gateway_secrets(config)
         log_dir = Path(config.data_dir) / "logs"
-        retiring: dict[str, asyncio.Task[None]] = {}
         for name in summary["removed"] + summary["changed"]:
-            retiring[name] = self._spawn(self._retire(current.pop(name)), f"{name}-retire")
+            retire = self._spawn(self._retire(current.pop(name), after=self._retiring.get(name)), f"{name}-retire")
+            self._retiring[name] = retire
+            retire.add_done_callback(lambda task, name=name: self._retiring.get(name) is task
+                                     and self._retiring.pop(name))
         for name in summary["added"] + summary["changed"]:
             backend_config = wanted[name]
             backend = Backend(backend_config, for_runtime(backend_config.runtime, backend_config),
                               BackendLog(name, log_dir))
             self.backends[name] = backend
-            self._spawn(self._join(backend, retiring.get(name)), f"{name}-join")
+            # (an added name may have been removed by a reload whose retire is still draining)
+            self._spawn(self._join(backend, self._retiring.get(name)), f"{name}-join")
         self.backends = {name: self.backends[name] for name in wanted}  # the config's order
         if any(b.config.idle_ttl for b in self.backends.values()) and not any(
                 t.get_name() == "idle-stopper" for t in self._tasks):
@@ -207,7 +213,9 @@ class Supervisor:
         self._pulse()
         return summary
 
-    async def _retire(self, backend: Backend) -> None:
+    async def _retire(self, backend: Backend, after: asyncio.Task[None] | None = None) -> None:
+        if after is not None:  # an earlier incarnation still going: this one ends after it
+            await asyncio.gather(after, return_exceptions=True)
         for task in [t for t in self._tasks if t.get_name() == f"{backend.name}-attached"]:
             task.cancel()
         if backend.process is not None:
@@ -225,6 +233,8 @@ class Supervisor:
     async def _join(self, backend: Backend, predecessor: asyncio.Task[None] | None) -> None:
         if predecessor is not None:
             await asyncio.gather(predecessor, return_exceptions=True)
+        if self.backends.get(backend.name) is not backend:
+            return  # a later reload replaced or removed it before it started: never started
         # An eager newcomer to an exclusive group waits for a request if a peer holds the GPU.
         busy_group = any(m.state is not State.STOPPED for m in self._members(backend) if m is not backend
                          and m.process is not None)

@@ -221,3 +221,57 @@ def ghost_series(gateway: GatewayProcess) -> list[str]:
     """The /metrics lines about the backend named `gone`."""
     text = httpx.get(gateway.url + "/metrics", timeout=10).text
     return [line for line in text.splitlines() if 'backend="gone"' in line and not line.startswith("#")]
+
+
+def _incarnations(mark: str) -> set[str]:
+    """The RELOAD_MARK values of the fake vLLM runtimes alive now that carry `mark`."""
+    alive = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if b"fake_vllm" not in (proc / "cmdline").read_bytes():
+                continue
+            env = dict(item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item)
+        except (OSError, ValueError):
+            continue  # not a process, or gone meanwhile
+        value = env.get(b"RELOAD_MARK", b"").decode()
+        if value.startswith(mark):
+            alive.add(value)
+    return alive
+
+
+def test_reloads_in_quick_succession_never_run_two_copies(start_gateway: StartGateway) -> None:
+    # The audit's case: a second reload while the first one's change still drains started the
+    # newest copy beside the draining one, and left the middle one running, unlisted.
+    mark = f"m{os.getpid()}-{time.monotonic_ns()}-"
+
+    def keep(n: int) -> dict[str, Any]:
+        backend = fake_vllm("keep", ["m"], token_delay=0.05)
+        backend["env"] = {**backend["env"], "RELOAD_MARK": f"{mark}{n}"}
+        return backend
+
+    gateway = start_gateway({"backends": [keep(1)]})
+    config = yaml.safe_load(gateway.config_path.read_text())
+    seen: list[set[str]] = []
+    with httpx.Client(base_url=gateway.url, headers={"authorization": f"Bearer {gateway.new_key()}"},
+                      timeout=60) as client, \
+            client.stream("POST", "/v1/chat/completions",
+                          json={"model": "m", "messages": [{"role": "user", "content": "a long one"}],
+                                "max_tokens": 40, "stream": True}) as streaming:
+        lines = streaming.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        for n in (2, 3):  # the first change is still draining (the stream holds it) when the second comes
+            config["backends"] = [keep(n)]
+            gateway.config_path.write_text(yaml.safe_dump(config))
+            assert gateway.admin("POST", "/admin/reload").status_code == 200
+            seen.append(_incarnations(mark))
+        for line in lines:
+            seen.append(_incarnations(mark))
+    deadline = time.monotonic() + 30
+    while _incarnations(mark) != {f"{mark}3"}:
+        seen.append(_incarnations(mark))
+        assert time.monotonic() < deadline, seen[-1]
+        time.sleep(0.1)
+    time.sleep(1.0)  # nothing else comes up afterwards
+    assert _incarnations(mark) == {f"{mark}3"}
+    assert all(len(alive) <= 1 for alive in seen), [alive for alive in seen if len(alive) > 1]
+    assert gateway.admin("GET", "/admin/backends/keep").json()["state"] == "ready"
