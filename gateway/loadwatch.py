@@ -14,6 +14,7 @@ import aiohttp
 
 from adapters.base import Load
 from gateway import metrics
+from gateway.upstream import read_probe
 
 log = logging.getLogger("gateway.loadwatch")
 
@@ -61,7 +62,7 @@ class LoadWatch:
         try:
             async with self._session.get(backend.url + backend.adapter.load_path,
                                          timeout=aiohttp.ClientTimeout(total=self._interval)) as resp:
-                load = backend.adapter.load(resp.status, await resp.read())
+                load = backend.adapter.load(resp.status, await read_probe(resp))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
             log.debug("load report from %s failed: %s", backend.name, exc)
             self.loads.pop(backend.name, None)  # an old report would steer routing on stale news

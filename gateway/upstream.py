@@ -119,6 +119,24 @@ class Upstream:
             resp.release()
 
 
+# A runtime's health, load or model-list answer is small; one without end (a broken or hostile
+# runtime) grew the gateway by a GiB per health check before this bound.
+PROBE_MAX = 4 * 1024 * 1024
+
+
+async def read_probe(resp: aiohttp.ClientResponse, limit: int = PROBE_MAX) -> bytes:
+    """A probe's answer, cut at `limit` bytes (what is cut reads as an unusable answer)."""
+    parts: list[bytes] = []
+    size = 0
+    async for part in resp.content.iter_any():
+        parts.append(part)
+        size += len(part)
+        if size >= limit:
+            resp.close()  # the rest is not read: the connection goes
+            break
+    return b"".join(parts)[:limit]
+
+
 # When to come back, as the runtime (or a rate-limited service behind it) said: the official
 # SDKs wait that long before they retry, so it must reach the client unchanged.
 RETRY_HEADERS = ("retry-after", "retry-after-ms")

@@ -10,12 +10,13 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 
 from adapters.base import Adapter, UpstreamRequest
 from gateway.errors import BackendUnavailable, UpstreamError
-from gateway.upstream import MAX_URLS, StreamOutcome, Upstream, relay_stream
+from gateway.upstream import MAX_URLS, StreamOutcome, Upstream, read_probe, relay_stream
 from tests.conftest import StartGateway
 from tests.helpers import free_port
 
@@ -381,3 +382,26 @@ def test_the_parsed_urls_kept_are_bounded_as_ports_come_and_go() -> None:
         assert str(url) == f"http://127.0.0.1:{port}/v1/chat/completions"
     assert len(upstream._urls) <= MAX_URLS
     assert upstream._url("http://127.0.0.1:9", "/v1/models") is upstream._url("http://127.0.0.1:9", "/v1/models")
+
+
+async def test_a_probe_answer_without_end_is_read_only_up_to_its_bound() -> None:
+    # The audit's runtime answered /health 200 with a body that never ends: each health check
+    # grew the gateway by a GiB before it timed out.
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+        try:
+            while True:
+                writer.write(b"10000\r\n" + b"{" * 0x10000 + b"\r\n")
+                await writer.drain()
+        except (ConnectionError, OSError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/health") as resp:
+            body = await asyncio.wait_for(read_probe(resp, limit=1024 * 1024), 30)
+        assert len(body) == 1024 * 1024
+    finally:
+        server.close()

@@ -10,6 +10,7 @@ from litestar import Request, Response, get
 from gateway import metrics
 from gateway.errors import AuthenticationFailed, NotFound
 from gateway.openai import encode
+from gateway.supervisor import Backend, State
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -40,11 +41,17 @@ async def ready(request: Request[Any, Any, Any]) -> Response[Any]:
     would only turn those into connection errors."""
     gateway: Gateway = request.app.state.gateway
     backends = {b.name: {"state": b.state.value} for b in gateway.supervisor.backends.values()}
-    # A stopped on-demand backend is no fault: the next request for it starts it.
-    is_ready = any(b.ready or b.startable for b in gateway.supervisor.backends.values())
+    is_ready = any(b.ready or _in_its_cycle(b) for b in gateway.supervisor.backends.values())
     admission = {k: v for k, v in gateway.admission.describe().items() if k in PUBLIC_ADMISSION}
     body = {"status": "ready" if is_ready else "not ready", "backends": backends, "admission": admission}
     return Response(encode(body), status_code=200 if is_ready else 503, media_type="application/json")
+
+
+def _in_its_cycle(backend: Backend) -> bool:
+    """An on-demand backend stopped (the next request starts it), starting for a request, or
+    stopping after idle: its normal life, not a fault. Counted as one, /ready went 503 at every
+    start and idle stop, and a load balancer took the replica out each time."""
+    return backend.startable or (backend.on_demand and backend.state in (State.STARTING, State.STOPPING))
 
 
 @get("/metrics")

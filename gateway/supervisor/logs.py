@@ -9,6 +9,9 @@ import logging.handlers
 from pathlib import Path
 
 
+MAX_LINE = 8 * 1024  # characters of a line kept in memory (the ring, followers); the file has it whole
+
+
 class BackendLog:
     def __init__(self, name: str, directory: Path, *, keep_lines: int = 2000,
                  file_bytes: int = 10 * 1024**2, file_count: int = 3) -> None:
@@ -27,9 +30,13 @@ class BackendLog:
         line = line.rstrip("\r\n")
         if "\r" in line:  # a progress bar redrawn in place: keep what it shows last
             line = line.rsplit("\r", 1)[1]
+        self._file.emit(logging.makeLogRecord({"msg": line, "args": None}))
+        if len(line) > MAX_LINE:
+            # The ring keeps 2,000 lines: at up to 128 KiB each (a runtime printing without
+            # newlines) that was 256 MiB per backend, and as much per follower.
+            line = f"{line[:MAX_LINE]} [... {len(line) - MAX_LINE} more characters in {self.path.name}]"
         self.lines.append(line)
         self.written += 1
-        self._file.emit(logging.makeLogRecord({"msg": line, "args": None}))
         for queue in self._followers:
             if queue.full():  # a slow follower loses its oldest line, never blocks the pump
                 queue.get_nowait()

@@ -59,11 +59,13 @@ from adapters.base import Adapter, Health, Launch
 from gateway import metrics
 from gateway.supervisor.logs import BackendLog
 from gateway.supervisor.oneshot import child_env, describe_status, keeper_argv, run_logged
+from gateway.upstream import read_probe
 
 if TYPE_CHECKING:
     from gateway.config import BackendConfig
 
 log = logging.getLogger("gateway.supervisor")
+OUTPUT_LINES_PER_SECOND = 1000  # of a runtime's output kept (log file, ring, followers); see _pump_output
 
 
 class State(str, enum.Enum):
@@ -530,7 +532,7 @@ class RuntimeProcess:
         url = self.base_url + self.adapter.health_path
         try:
             async with self._probes.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-                body = await resp.read()
+                body = await read_probe(resp)
                 try:
                     health = self.adapter.health(resp.status, body)
                 except Exception:  # noqa: BLE001 - an unreadable answer says the server is not right
@@ -677,15 +679,42 @@ class RuntimeProcess:
     async def _pump_output(self, stream: asyncio.StreamReader) -> None:
         # Chunks, not readline(): a runtime printing a huge line without a newline must not stop
         # the pump (a full pipe would block the runtime itself).
+        # At most OUTPUT_LINES_PER_SECOND lines are kept, the latest of each read: writing a line
+        # costs ~25 us on the event loop, and a runtime printing as fast as it can (32k lines in
+        # one 64 KiB read) stalled every request of the gateway for seconds. The rest is counted.
+        loop = asyncio.get_running_loop()
+        allowance, stamp, dropped = float(OUTPUT_LINES_PER_SECOND), loop.time(), 0
+        # The last lines dropped since a line was kept: written at the end, so the last words of
+        # a runtime that floods its output and then dies are in its log.
+        last_dropped: collections.deque[bytes] = collections.deque(maxlen=20)
         partial = b""
         while chunk := await stream.read(65536):
             partial += chunk
             *lines, partial = partial.split(b"\n")
-            for line in lines:
-                self.log.write(line.decode("utf-8", "replace"))
             if len(partial) > 65536:
-                self.log.write(partial.decode("utf-8", "replace"))
+                lines.append(partial)
                 partial = b""
+            now = loop.time()
+            allowance = min(float(OUTPUT_LINES_PER_SECOND), allowance + (now - stamp) * OUTPUT_LINES_PER_SECOND)
+            stamp = now
+            keep = min(len(lines), int(allowance))
+            allowance -= keep
+            dropped += len(lines) - keep
+            if keep:
+                last_dropped.clear()  # older than the lines kept now
+            else:
+                last_dropped.extend(lines[-20:])
+            if dropped and keep:
+                self.log.write(f"[gateway] {dropped} lines of output dropped (more than "
+                               f"{OUTPUT_LINES_PER_SECOND} a second)")
+                dropped = 0
+            for line in lines[len(lines) - keep:]:
+                self.log.write(line.decode("utf-8", "replace"))
+        if dropped:
+            self.log.write(f"[gateway] {dropped - len(last_dropped)} lines of output dropped (more than "
+                           f"{OUTPUT_LINES_PER_SECOND} a second); the last ones:")
+            for line in last_dropped:
+                self.log.write(line.decode("utf-8", "replace"))
         if partial:
             self.log.write(partial.decode("utf-8", "replace"))
 

@@ -27,6 +27,7 @@ from gateway.errors import BackendUnavailable
 from gateway.supervisor.logs import BackendLog
 from gateway.supervisor.oneshot import gateway_secrets
 from gateway.supervisor.process import KEEPER_MARGIN, RuntimeProcess, StartFailed, State, free_port
+from gateway.upstream import read_probe
 
 log = logging.getLogger("gateway.supervisor")
 
@@ -151,7 +152,9 @@ class Supervisor:
 
     async def start(self) -> None:
         # Health probes get their own small pool: a probe never queues behind user traffic.
-        self._probes = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16, force_close=True))
+        # No cap on connections: with a shared one, backends whose health checks hang held every
+        # connection, and a healthy backend's check timed out waiting for one and was restarted.
+        self._probes = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
         pending: list[asyncio.Future[Any]] = []
         groups_started: set[str] = set()
         for backend in self.backends.values():
@@ -503,7 +506,7 @@ class Supervisor:
         try:
             async with self._probes.get(backend.url + backend.adapter.health_path,
                                         timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-                health = backend.adapter.health(resp.status, await resp.read())
+                health = backend.adapter.health(resp.status, await read_probe(resp))
                 detail = f"health check answered {resp.status}"
         except asyncio.TimeoutError:
             health, detail = None, f"no answer to the health check within {timeout:g}s"
@@ -533,7 +536,8 @@ class Supervisor:
         try:
             async with self._probes.get(backend.url + path,
                                         timeout=aiohttp.ClientTimeout(total=backend.config.health_timeout)) as resp:
-                backend.missing_models = backend.adapter.missing_models(backend.config, resp.status, await resp.read())
+                backend.missing_models = backend.adapter.missing_models(backend.config, resp.status,
+                                                                        await read_probe(resp))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             log.warning("backend %s: cannot list its models (%s)", backend.name, exc)
             return

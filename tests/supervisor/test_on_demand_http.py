@@ -42,6 +42,18 @@ def test_twenty_concurrent_first_requests_start_it_once_and_idle_stops_it(start_
     gateway = start_gateway({"backends": [fake("lazy", start="on_demand", idle_ttl="1.5s", slots=4)]}, ready=False)
     assert state(gateway, "lazy")["state"] == "stopped"
     key = gateway.new_key()
+    # /ready through the whole cycle (stopped, starting, ready, stopping when idle, stopped):
+    # none of it is a fault, so a load balancer must never take the replica out for it.
+    readiness: list[int] = []
+    watching = threading.Event()
+
+    def watch_ready() -> None:
+        while not watching.is_set():
+            readiness.append(httpx.get(gateway.url + "/ready", timeout=10).status_code)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch_ready, daemon=True)
+    watcher.start()
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
         replies = list(pool.map(lambda _: chat(gateway, key, "lazy-model"), range(20)))
     assert [r.status_code for r in replies] == [200] * 20, [r.text for r in replies if r.status_code != 200][:2]
@@ -51,6 +63,9 @@ def test_twenty_concurrent_first_requests_start_it_once_and_idle_stops_it(start_
     assert "idle for 1.5s" in state(gateway, "lazy")["reason"]
     assert chat(gateway, key, "lazy-model").status_code == 200
     assert state(gateway, "lazy")["starts"] == 2
+    watching.set()
+    watcher.join(15)
+    assert len(readiness) > 20 and set(readiness) == {200}, readiness
 
 
 def test_exclusive_group_swap_never_cuts_off_a_stream(start_gateway: StartGateway) -> None:

@@ -357,3 +357,24 @@ async def test_an_attached_backend_whose_health_answer_cannot_be_read_is_unhealt
         assert await until(lambda: backend.ready, 5), backend.describe()
     finally:
         await runner.cleanup()
+
+
+async def test_a_runtime_that_floods_its_output_keeps_a_bounded_share(tmp_path: Path) -> None:
+    # The audit's runtime printing as fast as it can stalled every request of the gateway: each
+    # line written costs the event loop ~25 us, and one 64 KiB read holds 32k lines.
+    from gateway.supervisor.logs import MAX_LINE, BackendLog
+
+    log = BackendLog("flood", tmp_path)
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"".join(b"y %d\n" % i for i in range(100_000)) + b"the last words\n")
+    reader.feed_data(b"x" * (MAX_LINE + 10) + b"\n")
+    reader.feed_eof()
+    await process_module.RuntimeProcess._pump_output(SimpleNamespace(log=log), reader)  # type: ignore[arg-type]
+    kept = log.tail(5000)
+    assert len(kept) <= 2 * process_module.OUTPUT_LINES_PER_SECOND  # of 100,000 (the allowance refills as it runs)
+    assert "the last words" in kept  # the latest lines of a read are the ones kept
+    assert any(line.startswith("[gateway] ") and "lines of output dropped" in line for line in kept), kept[-3:]
+    # A line longer than MAX_LINE is cut in memory, whole in the file.
+    assert kept[-1].startswith("x" * MAX_LINE + " [... 10 more characters in flood.log]")
+    log.close()
+    assert "x" * (MAX_LINE + 10) in (tmp_path / "flood.log").read_text()
