@@ -97,6 +97,18 @@ class StartFailed(Exception):
     pass
 
 
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:`port` now (SO_REUSEADDR, as servers bind:
+    a closed connection still in TIME_WAIT does not count as in use)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(taken: Collection[int] = ()) -> int:
     """A port nothing is bound to now, and not in `taken`.
 
@@ -439,6 +451,13 @@ class RuntimeProcess:
             self._park(str(exc))  # a retry cannot fix a missing binary or an unusable config
             return
         self._mark = self.log.written
+        if self.config.port and not port_is_free(self.config.port):
+            # Something else listens there (say, the runtime of a gateway killed a moment ago,
+            # still in its stop_timeout): its /health would answer for this backend, and requests
+            # would go to a server nobody here started. A failure, retried with back-off.
+            self.log.write(f"[gateway] port {self.port} is in use by another process: not starting")
+            self._crashed(f"port {self.port} is in use by another process", "crash", while_starting=True)
+            return
         self.log.write(f"[gateway] starting on port {self.port}: {shlex.join(_redacted(launch.argv))}")
         try:
             proc = await asyncio.create_subprocess_exec(

@@ -378,3 +378,22 @@ async def test_a_runtime_that_floods_its_output_keeps_a_bounded_share(tmp_path: 
     assert kept[-1].startswith("x" * MAX_LINE + " [... 10 more characters in flood.log]")
     log.close()
     assert "x" * (MAX_LINE + 10) in (tmp_path / "flood.log").read_text()
+
+
+async def test_a_fixed_port_another_process_holds_is_not_taken_for_the_backend(supervise: MakeSupervisor) -> None:
+    # The audit's case: a server already on the backend's `port:` answered its health check, so
+    # the backend was "ready" on a server nobody here started, and requests went there.
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    port = squatter.getsockname()[1]
+    try:
+        sup = await supervise(fake("one", port=port))
+        backend = sup.backends["one"]
+        assert await until(lambda: backend.state is State.FAILED and "in use" in backend.reason, 10), backend.reason
+        assert not backend.ready
+    finally:
+        squatter.close()
+    # Once the port is free, the next try starts it there.
+    assert await until(lambda: backend.ready, 20), backend.reason
+    assert backend.process is not None and backend.process.port == port
