@@ -52,6 +52,9 @@ class Backend:
         self.last_used = time.monotonic()  # set by the request path at each request's start and end
         self.process: RuntimeProcess | None = None
         self.draining = False  # on its way down (idle, swap, stop): no new requests
+        # Stopped by the operator: no request starts it again (to free a GPU, say) until an
+        # operator's start or restart.
+        self.held = False
         # Attached servers have no process; their state comes from probes alone.
         self.attached_state = State.STARTING
         self.attached_reason = ""
@@ -90,7 +93,7 @@ class Backend:
     @property
     def startable(self) -> bool:
         """Stopped, and the next request for it starts it: not a fault (e.g. for /ready)."""
-        return self.on_demand and self.state is State.STOPPED and not self.draining
+        return self.on_demand and self.state is State.STOPPED and not self.draining and not self.held
 
     def describe(self) -> dict[str, object]:
         proc = self.process
@@ -387,6 +390,8 @@ class Supervisor:
     async def _bring_up_now(self, backend: Backend, *, manual: bool) -> None:
         """Start `backend`, first draining and stopping whatever else runs in its group."""
         assert backend.process is not None
+        if manual:
+            backend.held = False
         async with self._lock(backend):
             if self._closing or (backend.ready and not manual):
                 return
@@ -479,11 +484,13 @@ class Supervisor:
         return task
 
     async def _stop_now(self, backend: Backend, drain: bool) -> None:
+        backend.held = True
         async with self._lock(backend):
             await self._drain_and_stop(backend, "stopped by the operator", drain=drain)
 
     async def _restart_now(self, backend: Backend, drain: bool) -> None:
         assert backend.process is not None
+        backend.held = False
         if backend.state in (State.STOPPED, State.FAILED):
             await self._bring_up_now(backend, manual=True)
             return

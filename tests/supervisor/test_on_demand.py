@@ -65,6 +65,24 @@ async def test_failed_or_unstartable_backends_raise_at_once(supervise: MakeSuper
     assert "failed to load model" not in info.value.message  # reasons are for operators
 
 
+async def test_an_on_demand_backend_the_operator_stopped_stays_stopped(supervise: MakeSupervisor) -> None:
+    # The audit's case: an operator stopping an on-demand model to free its GPU saw the next
+    # request start it again.
+    sup = await supervise(fake("lazy", start="on_demand"))
+    backend = sup.backends["lazy"]
+    await sup.ensure_ready([backend], 10)
+    await sup.operate(backend, "stop")
+    assert backend.state is State.STOPPED
+    with pytest.raises(BackendUnavailable):
+        await sup.ensure_ready([backend], 5, model="m")
+    assert backend.state is State.STOPPED and backend.process.starts == 1
+    await sup.operate(backend, "start")  # the operator's start lifts it: requests start it again
+    assert backend.ready
+    await sup.operate(backend, "stop")
+    await sup.operate(backend, "restart")
+    assert backend.ready and not backend.held
+
+
 async def test_a_start_slower_than_the_timeout_raises_and_goes_on(supervise: MakeSupervisor) -> None:
     sup = await supervise(fake("sluggish", start="on_demand", env={"FAKE_LOAD_SECONDS": "1.5"}))
     backend = sup.backends["sluggish"]
