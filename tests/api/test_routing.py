@@ -274,4 +274,4 @@ def test_reloads_in_quick_succession_never_run_two_copies(start_gateway: StartGa
     time.sleep(1.0)  # nothing else comes up afterwards
     assert _incarnations(mark) == {f"{mark}3"}
     assert all(len(alive) <= 1 for alive in seen), [alive for alive in seen if len(alive) > 1]
-    assert gateway.admin("GET", "/admin/backends/keep").json()["state"] == "ready"
+    assert wait_until(lambda: gateway.admin("GET", "/admin/backends/keep").json()["state"] == "ready", 20)
