@@ -703,9 +703,9 @@ class RuntimeProcess:
         # one 64 KiB read) stalled every request of the gateway for seconds. The rest is counted.
         loop = asyncio.get_running_loop()
         allowance, stamp, dropped = float(OUTPUT_LINES_PER_SECOND), loop.time(), 0
-        # The last lines dropped since a line was kept: written at the end, so the last words of
-        # a runtime that floods its output and then dies are in its log.
-        last_dropped: collections.deque[bytes] = collections.deque(maxlen=20)
+        # The last 20 lines, and whether each was written: if some were not, all 20 are written
+        # at the end, so the last words of a runtime that floods its output and dies are in its log.
+        recent: collections.deque[tuple[bytes, bool]] = collections.deque(maxlen=20)
         partial = b""
         while chunk := await stream.read(65536):
             partial += chunk
@@ -719,10 +719,8 @@ class RuntimeProcess:
             keep = min(len(lines), int(allowance))
             allowance -= keep
             dropped += len(lines) - keep
-            if keep:
-                last_dropped.clear()  # older than the lines kept now
-            else:
-                last_dropped.extend(lines[-20:])
+            first_kept = len(lines) - keep
+            recent.extend((line, i >= first_kept) for i, line in enumerate(lines[-20:], max(0, len(lines) - 20)))
             if dropped and keep:
                 self.log.write(f"[gateway] {dropped} lines of output dropped (more than "
                                f"{OUTPUT_LINES_PER_SECOND} a second)")
@@ -730,9 +728,10 @@ class RuntimeProcess:
             for line in lines[len(lines) - keep:]:
                 self.log.write(line.decode("utf-8", "replace"))
         if dropped:
-            self.log.write(f"[gateway] {dropped - len(last_dropped)} lines of output dropped (more than "
-                           f"{OUTPUT_LINES_PER_SECOND} a second); the last ones:")
-            for line in last_dropped:
+            self.log.write(f"[gateway] {dropped} lines of output dropped (more than {OUTPUT_LINES_PER_SECOND} a second)")
+        if not all(written for _, written in recent):
+            self.log.write(f"[gateway] the last {len(recent)} lines of output, some of them dropped above:")
+            for line, _ in recent:
                 self.log.write(line.decode("utf-8", "replace"))
         if partial:
             self.log.write(partial.decode("utf-8", "replace"))
