@@ -154,7 +154,7 @@ class Supervisor:
     # --- life of the supervisor ----------------------------------------------------------
 
     async def start(self) -> None:
-        # Health probes get their own small pool: a probe never queues behind user traffic.
+        # Health probes get their own pool: a probe never queues behind user traffic.
         # No cap on connections: with a shared one, backends whose health checks hang held every
         # connection, and a healthy backend's check timed out waiting for one and was restarted.
         self._probes = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
