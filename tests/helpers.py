@@ -22,6 +22,19 @@ FAKES = ROOT / "tests" / "fakes"
 ADMIN_KEY = "test-admin-key-0123456789"
 
 
+def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
+    """The error object of an answer that must have `status`."""
+    assert response.status_code == status, response.text
+    return response.json()["error"]  # type: ignore[no-any-return]
+
+
+def all_keys(gateway: GatewayProcess) -> list[dict[str, Any]]:
+    """Every key the admin API lists, revoked and expired ones too."""
+    r = gateway.admin("GET", "/admin/keys", params={"status": "all"})
+    assert r.status_code == 200, r.text
+    return r.json()["data"]  # type: ignore[no-any-return]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

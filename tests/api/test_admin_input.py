@@ -9,12 +9,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 
 from gateway.api import admin_keys
 from gateway.errors import InvalidRequest
-from tests.helpers import GatewayProcess, free_port
+from tests.helpers import GatewayProcess, all_keys, error_of, free_port
 
 # Nothing listens there: these tests stay in the admin API.
 BACKENDS = [{"name": "b", "runtime": "openai", "url": f"http://127.0.0.1:{free_port()}", "serves": ["m1"]}]
@@ -32,17 +31,6 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
         yield process.wait_healthy(60, ready=False)
     finally:
         process.stop()
-
-
-def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    return response.json()["error"]  # type: ignore[no-any-return]
-
-
-def all_keys(gateway: GatewayProcess) -> list[dict[str, Any]]:
-    r = gateway.admin("GET", "/admin/keys", params={"status": "all"})
-    assert r.status_code == 200, r.text
-    return r.json()["data"]  # type: ignore[no-any-return]
 
 
 def nested(levels: int, inner: Any = "x") -> Any:

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from tests.conftest import StartGateway
-from tests.helpers import ADMIN_KEY, GatewayProcess, free_port, wait_until
+from tests.helpers import ADMIN_KEY, GatewayProcess, error_of, free_port, wait_until
 
 
 def _config(store: str, redis_url: str | None) -> dict[str, Any]:
@@ -43,11 +43,6 @@ def gateway(start_gateway: StartGateway, store_config: dict[str, Any]) -> Gatewa
 
 def models_for(gateway: GatewayProcess, key: str) -> httpx.Response:
     return httpx.get(gateway.url + "/v1/models", headers={"authorization": f"Bearer {key}"})
-
-
-def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    return response.json()["error"]  # type: ignore[no-any-return]
 
 
 def test_admin_routes_take_only_the_admin_key(gateway: GatewayProcess) -> None:
