@@ -22,7 +22,7 @@ import msgspec
 from adapters import shapes
 from adapters.base import Adapter, ErrorMapper, Launch, StreamDecoder, UpstreamRequest, find_binary
 from gateway.errors import InvalidRequest, UpstreamError
-from gateway.openai import Endpoint
+from gateway.openai import Endpoint, nests_deeper
 
 if TYPE_CHECKING:
     from gateway.config import BackendConfig
@@ -389,23 +389,10 @@ def _arguments(arguments: Any, param: str) -> dict[str, Any]:
         # RecursionError: nested past the stack; UnicodeEncodeError: a str with a raw surrogate
         # (no decoded body holds one, but every failure is the client's same 400).
         parsed = None
-    if not isinstance(parsed, dict) or _nests_deeper(parsed, MAX_ARGUMENTS_DEPTH):
+    if not isinstance(parsed, dict) or nests_deeper(parsed, MAX_ARGUMENTS_DEPTH):
         raise InvalidRequest("Tool call arguments must be a JSON object encoded as a string (strict JSON, "
                              f"nested at most {MAX_ARGUMENTS_DEPTH} deep).", param=param)
     return parsed
-
-
-def _nests_deeper(value: Any, limit: int) -> bool:
-    """Whether objects and lists nest more than `limit` deep in a decoded JSON value (walked
-    without recursion, since the value may be as deep as the stack allows)."""
-    pending: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, (dict, list)) else []
-    while pending:
-        item, depth = pending.pop()
-        children = item.values() if isinstance(item, dict) else item
-        if depth > limit:
-            return True
-        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return False
 
 
 def _format(response_format: Any) -> Any:

@@ -151,6 +151,19 @@ def decode_as(body: bytes, schema: type[T]) -> T:
 
 
 NESTED = "The request body is nested too deeply."
+
+
+def nests_deeper(value: Any, limit: int) -> bool:
+    """Whether objects and lists nest more than `limit` deep in a decoded JSON value (the value
+    itself is level 1), walked without recursion: it may be as deep as the decoder allowed."""
+    pending: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while pending:
+        item, depth = pending.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 _FIELD = re.compile(r"^Object (?:contains unknown|missing required) field `([^`]*)`")
 
 

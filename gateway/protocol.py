@@ -89,7 +89,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """httptools could not parse the request (uvicorn has logged it): an OpenAI error."""
-        self._head = 0 if self._head is None and not self._incomplete else self._head
+        if self._head is None and not self._incomplete:
+            self._head = 0  # in a head (what _refuse asks), not a body
         self._refuse(InvalidRequest("The request is not valid HTTP/1.1.", code="invalid_http_request"))
 
     def on_message_begin(self) -> None:

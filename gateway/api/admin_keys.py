@@ -18,7 +18,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 from gateway import keys
 from gateway.auth import require_admin
 from gateway.errors import BackendUnavailable, InvalidRequest
-from gateway.openai import decode_as, encode
+from gateway.openai import decode_as, encode, nests_deeper
 from gateway.store.base import hour_of
 from gateway.store.redis import OUTAGE
 
@@ -117,15 +117,10 @@ def _timestamp(value: When, field: str) -> float:
 
 def _metadata(value: dict[str, Any]) -> None:
     """Checked before anything is stored: at most MAX_METADATA_DEPTH levels, MAX_METADATA_BYTES as JSON."""
-    # The depth before the size, and without recursion: encoding metadata nested hundreds deep is what failed.
-    pending: list[tuple[Any, int]] = [(value, 1)]
-    while pending:
-        node, depth = pending.pop()
-        if depth > MAX_METADATA_DEPTH:
-            raise InvalidRequest(f"Invalid value for 'metadata': nested at most {MAX_METADATA_DEPTH} levels deep.",
-                                 param="metadata")
-        children = node.values() if isinstance(node, dict) else node
-        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    # The depth before the size: encoding metadata nested hundreds deep is what failed.
+    if nests_deeper(value, MAX_METADATA_DEPTH):
+        raise InvalidRequest(f"Invalid value for 'metadata': nested at most {MAX_METADATA_DEPTH} levels deep.",
+                             param="metadata")
     if len(msgspec.json.encode(value)) > MAX_METADATA_BYTES:
         raise InvalidRequest(f"Invalid value for 'metadata': at most {MAX_METADATA_BYTES // 1024} KiB as JSON.",
                              param="metadata")
