@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 from typing import TYPE_CHECKING, Any
 
-from litestar import Request, Response, get
+from litestar import HttpMethod, Request, Response, get, route
 
 from gateway import metrics
 from gateway.errors import AuthenticationFailed, NotFound
@@ -16,7 +16,12 @@ if TYPE_CHECKING:
     from gateway.app import Gateway
 
 
-@get("/health")
+# GET and HEAD: load balancers' checks often send HEAD (HAProxy's `option httpchk HEAD`, F5
+# monitors); a 405 there takes a healthy replica out. uvicorn writes no body for a HEAD.
+PROBE_METHODS = [HttpMethod.GET, HttpMethod.HEAD]
+
+
+@route("/health", http_method=PROBE_METHODS)
 async def health() -> Response[Any]:
     """Liveness: the process answers. Says nothing about backends, so an orchestrator never
     restarts a healthy gateway because a model is still loading."""
@@ -29,7 +34,7 @@ async def health() -> Response[Any]:
 PUBLIC_ADMISSION = ("mode", "redis_reachable")
 
 
-@get("/ready")
+@route("/ready", http_method=PROBE_METHODS)
 async def ready(request: Request[Any, Any, Any]) -> Response[Any]:
     """200 once at least one backend takes requests; otherwise 503. The body gives every backend's
     state and nothing more: /ready needs no key, and a backend's reason carries the runtime's last

@@ -51,3 +51,12 @@ def test_keys_off_serves_anonymously_on_loopback_only(start_gateway: StartGatewa
                               "--port", str(free_port())], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert refused.returncode == 2
     assert "only binds a loopback address" in refused.stderr and "allow_public_without_keys" in refused.stderr
+
+
+def test_health_and_ready_answer_head_as_get_without_a_body(start_gateway: StartGateway) -> None:
+    gateway = start_gateway({"backends": [DEAD]}, ready=False)
+    for path, status in (("/health", 200), ("/ready", 503)):
+        got = httpx.get(gateway.url + path)
+        head = httpx.head(gateway.url + path)
+        assert (got.status_code, head.status_code) == (status, status)
+        assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]
