@@ -9,6 +9,7 @@
      ├── MethodNotAllowed        405 method_not_allowed
      ├── RequestTimeout          408 request_timeout       (the request did not arrive in time; then the connection closes)
      ├── BodyTooLarge            413 request_too_large
+     ├── UnsupportedEncoding     415 unsupported_content_encoding (a compressed body)
      ├── RateLimited             429 rate_limit_exceeded   (carries retry-after)
      ├── HeadTooLarge            431 request_header_fields_too_large (then the connection closes)
      ├── ClientClosedRequest     499 client_closed         (the client left; nobody reads it)
@@ -102,6 +103,12 @@ class BodyTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class UnsupportedEncoding(GatewayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_content_encoding"
 
 
 class HeadTooLarge(GatewayError):

@@ -37,6 +37,7 @@ from gateway.errors import (
     MethodNotAllowed,
     ModelNotFound,
     UpstreamError,
+    UnsupportedEncoding,
     UpstreamTimeout,
 )
 from gateway.openai import DONE, PATHS, Endpoint, decode_request, encode, sse, wants_usage
@@ -67,13 +68,14 @@ class Exchange:
     own steps together (bench/README.md). Their POSTs do not pass through Litestar at all
     (gateway.app.FrontDoor), which also renders their errors."""
 
-    __slots__ = ("receive", "send", "authorization", "request_id", "affinity", "content_length")
+    __slots__ = ("receive", "send", "authorization", "request_id", "affinity", "content_length", "content_encoding")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, affinity_header: bytes | None) -> None:
         self.receive, self.send = receive, send
         self.authorization: str | None = None
         self.affinity: str | None = None
         self.content_length: int | None = None
+        self.content_encoding: str | None = None
         given = None
         for name, value in scope["headers"]:  # names arrive lower-cased (ASGI)
             if name == b"authorization":
@@ -85,6 +87,8 @@ class Exchange:
                 self.content_length = int(value) if value.isdigit() else None
             elif name == b"x-request-id":
                 given = value.decode("latin-1")
+            elif name == b"content-encoding":
+                self.content_encoding = value.decode("latin-1")
             elif name == affinity_header:
                 self.affinity = value.decode("latin-1")
         self.request_id = request_id(given)
@@ -93,6 +97,13 @@ class Exchange:
         """The whole body, refused (413) from Content-Length alone or as soon as the bytes read pass
         `limit`: never read whole into memory. (A client that sends it too slowly, or stops
         half-way, is cut by the server protocol, gateway/protocol.py: this hears it leave.)"""
+        if self.content_encoding is not None and self.content_encoding.strip().lower() != "identity":
+            # Not decompressed here: `max_body` would bound the compressed size only, and a few KiB
+            # of gzip can inflate to gigabytes. A 415 naming what is accepted (RFC 7694) rather
+            # than the 400 of a body that is not JSON, so the client knows what to change.
+            raise UnsupportedEncoding(
+                f"Request bodies with Content-Encoding `{self.content_encoding}` are not accepted: "
+                "send the JSON uncompressed.", headers={"accept-encoding": "identity"})
         if self.content_length is not None and self.content_length > limit:
             raise BodyTooLarge(TOO_LARGE)
         first = await self.receive()  # most bodies come whole in one message, already read

@@ -4,15 +4,21 @@ leaves while sending is heard. (The bound in time is the server protocol's: test
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 from typing import Any
 
+import httpx
 import pytest
 
 from gateway.api import v1
-from gateway.errors import BodyTooLarge, ClientClosedRequest
+from gateway.errors import BodyTooLarge, ClientClosedRequest, UnsupportedEncoding
+from tests.conftest import StartGateway
+from tests.helpers import free_port
 
 
-def exchange(*messages: dict[str, Any], length: int | None = None) -> v1.Exchange:
+def exchange(*messages: dict[str, Any], length: int | None = None,
+             encoding: bytes | None = None) -> v1.Exchange:
     """An exchange whose client sends `messages`, then nothing more (it stalls)."""
     queue = list(messages)
 
@@ -23,6 +29,8 @@ def exchange(*messages: dict[str, Any], length: int | None = None) -> v1.Exchang
         raise AssertionError
 
     headers = [(b"content-length", str(length).encode())] if length is not None else []
+    if encoding is not None:
+        headers.append((b"content-encoding", encoding))
     return v1.Exchange({"headers": headers}, receive, None, None)  # type: ignore[arg-type]
 
 
@@ -49,3 +57,24 @@ async def test_a_client_that_leaves_while_sending_is_a_499() -> None:
         await exchange(part(b"ab", True), {"type": "http.disconnect"}).body(100)
     with pytest.raises(ClientClosedRequest):
         await exchange({"type": "http.disconnect"}).body(100)
+
+
+async def test_a_compressed_body_is_refused_as_unsupported_before_it_is_read() -> None:
+    # Not inflated: max_body would bound only the compressed size (a zip bomb).
+    for encoding in (b"gzip", b"br", b"deflate, gzip"):
+        with pytest.raises(UnsupportedEncoding) as refused:
+            await exchange(part(gzip.compress(b"{}"), False), encoding=encoding).body(100)
+        assert refused.value.status == 415 and refused.value.headers == {"accept-encoding": "identity"}
+    assert await exchange(part(b"{}", False), encoding=b"Identity").body(100) == b"{}"
+
+
+def test_a_gzip_body_gets_the_openai_415(start_gateway: StartGateway) -> None:
+    backend = {"name": "b", "runtime": "openai", "url": f"http://127.0.0.1:{free_port()}", "serves": ["m"]}
+    gateway = start_gateway({"backends": [backend]}, ready=False)
+    body = gzip.compress(json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode())
+    refused = httpx.post(gateway.url + "/v1/chat/completions", content=body, timeout=30, headers={
+        "authorization": f"Bearer {gateway.new_key()}", "content-type": "application/json",
+        "content-encoding": "gzip"})
+    assert refused.status_code == 415 and refused.headers["accept-encoding"] == "identity"
+    assert refused.json()["error"]["code"] == "unsupported_content_encoding"
+    assert "x-request-id" in refused.headers
