@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from adapters import shapes
-from adapters.base import Adapter, Launch, Load, SSEDecoder, StreamDecoder
+from adapters.base import Adapter, Health, Launch, Load, SSEDecoder, StreamDecoder
 from gateway.errors import UpstreamError
 from gateway.openai import Endpoint
 
@@ -92,6 +92,13 @@ class LlamaCppAdapter(Adapter):
 
     def decoder(self, endpoint: Endpoint) -> StreamDecoder:
         return SSEDecoder(self.error, lambda chunk: [shapes.chunk(endpoint, chunk)])
+
+    def health(self, status: int, body: bytes) -> Health:
+        # Older builds answer /health 503 "no slot available" while every slot is busy: a server
+        # at work, not one loading. Read as loading, a saturated backend would leave routing.
+        if status == 503 and b"no slot available" in body:
+            return Health.READY
+        return super().health(status, body)
 
     def error(self, status: int | None, body: bytes) -> UpstreamError:
         err = super().error(status, body)

@@ -21,8 +21,13 @@ start whose reason carries the last lines of the output.
 
 Liveness, once ready: one probe every `health_interval`, each bounded by `health_timeout`, on
 the supervisor's own small connection pool (a probe never queues behind user traffic).
-  - An answer the adapter reads as READY or LOADING (llama.cpp answers 503 while busy or loading)
-    proves the server alive: the misses reset, and an `unhealthy` backend is `ready` again.
+  - An answer the adapter reads as READY proves the server alive and serving: the misses reset,
+    and an `unhealthy` backend is `ready` again.
+  - An answer it reads as LOADING (llama.cpp answers 503 "Loading model" while loading) proves the
+    server alive but not serving: no miss, yet `health_failures` of them in a row make it
+    `unhealthy` (no new requests), and one that keeps answering so is restarted once that lasted
+    `startup_timeout`. Only a READY answer ends a run of them. (Older llama.cpp's 503 "no slot
+    available", every slot busy, is READY: adapters/llamacpp.py.)
   - No answer within the timeout, a refused connection, or an answer the adapter reads as BROKEN
     (the runtime itself says it cannot serve, e.g. vLLM after its engine died) is a miss.
   - With no request in flight, `health_failures` misses in a row: unhealthy, then restart.
@@ -203,6 +208,8 @@ class RuntimeProcess:
         self._deadline = 0.0
         self._next_probe = 0.0
         self._misses = 0
+        self._loadings = 0  # LOADING answers in a row since the last READY one, once ready
+        self._loading_since: float | None = None  # when the first of them came
         self._last_probe = "no answer yet"
         self._mark = 0
         self._version_due = True
@@ -504,7 +511,8 @@ class RuntimeProcess:
 
     def _become_ready(self) -> None:
         self._phase = ""
-        self._misses = 0
+        self._misses = self._loadings = 0
+        self._loading_since = None
         self._next_probe = time.monotonic() + self.config.health_interval
         self._enter(State.READY)
         self._settle(self._start_waiters, None)
@@ -576,11 +584,15 @@ class RuntimeProcess:
         if self.state not in (State.READY, State.UNHEALTHY):
             return
         self._next_probe = now + self.config.health_interval
-        if event.health in (Health.READY, Health.LOADING):
-            self._misses = 0
+        if event.health is Health.READY:
+            self._misses = self._loadings = 0
+            self._loading_since = None
             if self.state is State.UNHEALTHY:
                 self._enter(State.READY)
                 self._settle(self._start_waiters, None)
+            return
+        if event.health is Health.LOADING:
+            await self._on_loading(now, event.detail)
             return
         self._misses += 1
         limit, busy = self.config.health_failures, self._inflight()
@@ -594,6 +606,28 @@ class RuntimeProcess:
         elif self._misses >= limit and self.state is State.READY:
             self._enter(State.UNHEALTHY, f"{what}; {busy} request(s) in flight: no new ones until it answers, "
                                          f"restart after {2 * limit} misses")
+
+    async def _on_loading(self, now: float, detail: str) -> None:
+        """A ready runtime that answers "loading" is alive (no miss) but cannot serve. Read as alive
+        and nothing more, one that went back to loading for good stayed `ready`: requests were
+        sent to it and it was never restarted. So: out of routing after `health_failures` such
+        answers in a row (as for misses), and restarted once it has answered so for
+        `startup_timeout` (no load may take longer than a start did)."""
+        self._misses = 0  # it answered; misses in between do not end the run of LOADING answers
+        self._loadings += 1
+        if self._loading_since is None:
+            self._loading_since = now
+        lasted, limit = now - self._loading_since, self.config.startup_timeout
+        if lasted >= limit:
+            what = f"{detail} (loading) for {lasted:.1f}s, longer than startup_timeout {limit:g}s"
+            if self.state is State.READY:
+                self._enter(State.UNHEALTHY, f"{what}; restarting")
+            self.log.write(f"[gateway] {what}: restarting it")
+            await self._terminate()
+            self._crashed(f"unhealthy: {what}", "unhealthy")
+        elif self._loadings >= self.config.health_failures and self.state is State.READY:
+            self._enter(State.UNHEALTHY, f"{detail} (loading) {self._loadings} time(s) in a row: no new requests "
+                                         f"until it is ready again, restart after {limit:g}s of it")
 
     async def _watch_exit(self, proc: asyncio.subprocess.Process, gen: int) -> None:
         code = await proc.wait()

@@ -22,6 +22,8 @@ Modes:
                --pid-file if given); this process exits on SIGTERM, the pipes stay open
   busy_health  ready for FAKE_HEALTHY_SECONDS (default 2), then /health answers 503 "no slot available"
                (older llama.cpp builds when every slot is busy) while the other endpoints keep working
+  stuck_loading  ready for FAKE_HEALTHY_SECONDS (default 2), then every path answers 503 "Loading model"
+               for good, as llama-server while it loads (a runtime wedged in a reload)
   escape       ready; spawns a grandchild that leaves the process group (its own session, no pipes)
                and ignores SIGTERM (pid in --pid-file); a group kill alone never reaches it
 """
@@ -42,7 +44,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # find _text when imported too
 import _text  # noqa: E402
 
-MODES = ("ok", "exit", "never_ready", "ignore_term", "grandchild", "hang_health", "hold_pipes", "escape", "busy_health")
+MODES = ("ok", "exit", "never_ready", "ignore_term", "grandchild", "hang_health", "hold_pipes", "escape", "busy_health",
+         "stuck_loading")
 SLEEPER = "import time\nwhile True: time.sleep(3600)\n"
 TERM_IGNORING_SLEEPER = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(3600)\n"
 LOADING = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
@@ -68,7 +71,9 @@ class Behaviour:
         self.token_delay = env_float("FAKE_TOKEN_DELAY", 0.005)
 
     def loading(self) -> bool:
-        return self.mode == "never_ready" or time.monotonic() < self.started + self.load_seconds
+        now, ready_at = time.monotonic(), self.started + self.load_seconds
+        return self.mode == "never_ready" or now < ready_at or (
+            self.mode == "stuck_loading" and now > ready_at + self.healthy_seconds)
 
     def health_hangs(self) -> bool:
         ready_at = self.started + self.load_seconds

@@ -231,18 +231,65 @@ async def test_a_busy_backend_gets_twice_the_misses(supervise: MakeSupervisor) -
         backend.inflight = 0
 
 
-async def test_a_probe_answered_503_is_not_a_miss(supervise: MakeSupervisor) -> None:
-    """A runtime that answers its health check 503 while busy (older llama.cpp: no free slot) is
-    alive: it stays ready and is never restarted for it."""
-    sup = await supervise(fake("saturated", "busy_health", env={"FAKE_HEALTHY_SECONDS": "0.8"}))
+async def test_a_saturated_llamacpp_s_503_no_slot_is_not_a_miss(supervise: MakeSupervisor) -> None:
+    """A runtime that answers its health check 503 "no slot available" while busy (older
+    llama.cpp) is alive and serving: it stays ready and is never restarted for it."""
+    sup = await supervise(fake("saturated", "busy_health", startup_timeout="1s", env={"FAKE_HEALTHY_SECONDS": "0.8"}))
     backend = sup.backends["saturated"]
     proc = backend.process
     assert proc is not None and backend.ready
     await asyncio.sleep(1.0)
     _, detail = await proc.probe(1.0)
     assert detail == "health check answered 503"
-    await asyncio.sleep(1.5)  # 7 probe intervals
+    await asyncio.sleep(1.5)  # 7 probe intervals, longer than startup_timeout
     assert backend.ready and proc.restarts == 0
+
+
+async def test_a_ready_backend_loading_again_for_good_is_restarted_after_startup_timeout(
+        supervise: MakeSupervisor) -> None:
+    """llama-server answers 503 "Loading model" while it loads. A runtime that answers so after it
+    was ready is alive (no miss: it is not restarted at `health_failures`) but cannot serve: out
+    of routing after `health_failures` such answers, restarted once it has answered so for
+    `startup_timeout`. It used to stay ready for good."""
+    sup = await supervise(fake("stuck", "stuck_loading", startup_timeout="2s", env={"FAKE_HEALTHY_SECONDS": "0.5"}))
+    backend = sup.backends["stuck"]
+    proc = backend.process
+    assert proc is not None and backend.ready
+    old = proc.pid
+    assert await until(lambda: backend.state is State.UNHEALTHY, 5), backend.describe()
+    unhealthy_at = time.monotonic()
+    assert "answered 503 (loading) 2 time(s) in a row" in backend.reason and proc.restarts == 0
+    assert await until(lambda: proc.restarts == 1, 10), backend.describe()
+    assert time.monotonic() - unhealthy_at > 1.0  # not at the misses' pace (2 x 0.2s), at startup_timeout's
+    assert "answered 503 (loading) for" in (proc.last_exit or "")
+    assert "longer than startup_timeout 2s" in (proc.last_exit or "")
+    assert counter("gateway_backend_restarts_total", backend="stuck", runtime="llamacpp", cause="unhealthy") == 1
+    assert await until(lambda: backend.ready, 5) and proc.pid != old
+
+
+async def test_a_503_while_ready_leaves_routing_until_a_200_which_ends_the_count(
+        supervise: MakeSupervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of "loading" answers shorter than `startup_timeout` only keeps requests away; a 200
+    brings it back and starts the next run's clock afresh. (The adapter's reading is switched,
+    as the fake cannot turn back from loading.)"""
+    from adapters.base import Health
+
+    sup = await supervise(fake("flaky", startup_timeout="2s"))
+    backend = sup.backends["flaky"]
+    proc = backend.process
+    assert proc is not None and backend.ready
+    loading = True
+    reading = backend.adapter.health
+    monkeypatch.setattr(backend.adapter, "health",
+                        lambda status, body: Health.LOADING if loading else reading(status, body))
+    for _ in range(2):  # two runs of 503s, each shorter than startup_timeout, together longer
+        loading = True
+        assert await until(lambda: backend.state is State.UNHEALTHY, 3), backend.describe()
+        await asyncio.sleep(0.9)
+        assert backend.state is State.UNHEALTHY and not backend.ready and proc.restarts == 0
+        loading = False
+        assert await until(lambda: backend.ready, 3), backend.describe()
+    assert proc.restarts == 0
 
 
 # --- one-shot commands -------------------------------------------------------------------------
