@@ -270,7 +270,8 @@ class Supervisor:
 
     def _reap(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
+        # A failed start is no bug: whoever asked for it says so (see _bring_up and operate).
+        if not task.cancelled() and (exc := task.exception()) is not None and not isinstance(exc, StartFailed):
             log.error("supervisor task %s failed", task.get_name(), exc_info=exc)
 
     def _process_for(self, backend: Backend) -> RuntimeProcess:
@@ -303,7 +304,9 @@ class Supervisor:
         try:
             await backend.process.start()
         except StartFailed as exc:
-            log.error("backend %s failed to start: %s", backend.name, exc)
+            # (an operator's stop abandons a start on purpose: no fault)
+            log.log(logging.INFO if backend.held else logging.ERROR, "backend %s failed to start: %s",
+                    backend.name, exc)
             return
         log.info("backend %s ready on port %s in %.1fs", backend.name, backend.process.port,
                  time.monotonic() - started)
@@ -380,7 +383,9 @@ class Supervisor:
             def done(t: asyncio.Task[None]) -> None:
                 self._bringing.pop(backend.name, None)
                 if not t.cancelled() and (exc := t.exception()) is not None:
-                    log.warning("backend %s: on-demand start failed: %s", backend.name, exc)
+                    # (an operator's stop abandons a start on purpose: no fault)
+                    log.log(logging.INFO if backend.held else logging.WARNING,
+                            "backend %s: on-demand start failed: %s", backend.name, exc)
                 self._pulse()
 
             task.add_done_callback(done)
@@ -393,13 +398,17 @@ class Supervisor:
         if manual:
             backend.held = False
         async with self._lock(backend):
-            if self._closing or (backend.ready and not manual):
+            # An operator's stop may have come while this waited for the lock, or while the other
+            # members drained: a held backend is started by the operator only.
+            if self._closing or (not manual and (backend.ready or backend.held)):
                 return
             for other in self._members(backend):
                 if other is not backend and other.state is not State.STOPPED:
                     log.info("backend %s: stopping %s first (exclusive group %s)", backend.name, other.name,
                              backend.config.group)
                     await self._drain_and_stop(other, f"made way for {backend.name} (group {backend.config.group})")
+            if backend.held and not manual:
+                return
             await backend.process.start(manual=manual)
             # Hold the group until the callers that waited for this backend have seen it ready
             # and the first of them reached it (the request path counts a request in flight when
@@ -485,6 +494,12 @@ class Supervisor:
 
     async def _stop_now(self, backend: Backend, drain: bool) -> None:
         backend.held = True
+        if backend.state is State.STARTING:
+            # A start holds the group's lock until the runtime is ready or startup_timeout has
+            # passed (minutes for a big model): abandon it now, without the lock. Its waiters get
+            # StartFailed, which frees the lock. Nothing is in flight on a runtime not yet ready,
+            # and `draining` keeps it so should it become ready before the stop reaches it.
+            await self._drain_and_stop(backend, "stopped by the operator", drain=False)
         async with self._lock(backend):
             await self._drain_and_stop(backend, "stopped by the operator", drain=drain)
 

@@ -119,3 +119,22 @@ def test_exclusive_group_swap_never_cuts_off_a_stream(start_gateway: StartGatewa
     # and back: a request for a swaps again
     assert chat(gateway, key, "a-model").status_code == 200
     assert state(gateway, "a")["state"] == "ready" and state(gateway, "b")["state"] == "stopped"
+
+
+def test_an_operators_stop_of_a_starting_backend_answers_at_once(start_gateway: StartGateway) -> None:
+    """POST /admin/backends/{name}/stop while a big model loads for a request: the stop does not
+    wait for the load (startup_timeout, here a minute), and the waiting request gets its 503."""
+    gateway = start_gateway({"backends": [fake("big", start="on_demand", startup_timeout="60s",
+                                               env={"FAKE_LOAD_SECONDS": "60"})]}, ready=False)
+    key = gateway.new_key()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        request = pool.submit(chat, gateway, key, "big-model", 90)
+        assert wait_until(lambda: state(gateway, "big")["state"] == "starting", timeout=10)
+        started = time.monotonic()
+        stopped = gateway.admin("POST", "/admin/backends/big/stop?wait=20")
+        assert stopped.status_code == 200, stopped.text  # 202: still waiting after 20s
+        assert stopped.json()["state"] == "stopped"
+        reply = request.result(10)
+        assert time.monotonic() - started < 15
+    assert reply.status_code == 503, reply.text
+    assert state(gateway, "big")["starts"] == 1
