@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
+import logging
 import os
 import sys
 from typing import Any
@@ -11,8 +13,17 @@ from typing import Any
 from gateway import keys_cli, logsetup
 from gateway.config import Config, ConfigError, load
 
+log = logging.getLogger("gateway")
+
 EXIT_CONFIG = 2
 EXIT_STARTUP = 3  # as uvicorn's own
+
+# A force quit (a second Ctrl-C) skips the lifespan shutdown; Server.keep_usage does its part for
+# the usage, and the quit stays prompt: at most ~3 s in all. The requests it cuts record their
+# usage on their way out, within a second (a stream's last words to its client are bounded at 1 s:
+# gateway/api/v1.py, _last_words); then the store is given what is held, as at a normal shutdown.
+FORCE_QUIT_REQUESTS_TIMEOUT = 1.5
+FORCE_QUIT_FLUSH_TIMEOUT = 1.5
 
 
 def _load_or_exit(path: str | None) -> Config:
@@ -64,6 +75,26 @@ def serve(args: argparse.Namespace) -> None:
             # queue are answered now (503, retry elsewhere) rather than cut at the grace period.
             gateway.begin_shutdown()
             await super().shutdown(sockets)
+            # uvicorn skips the lifespan shutdown on a force quit that came before it; one that
+            # came while it ran let it run to its end (and the usage be written).
+            if self.force_exit and not gateway.usage.stopped:
+                await self.keep_usage()
+
+        async def keep_usage(self) -> None:
+            """What the skipped lifespan shutdown would have kept: the usage of the requests still
+            running (cut now: their cancel paths record it) and of those that finished since the
+            last flush. Each wait bounded. The backends are left to their keepers, which stop them
+            when this process exits (gateway/supervisor/keeper.py)."""
+            tasks = list(self.server_state.tasks)
+            log.warning("force quit: cutting %d requests in flight and writing the usage held", len(tasks))
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                _, running = await asyncio.wait(tasks, timeout=FORCE_QUIT_REQUESTS_TIMEOUT)
+                if running:
+                    log.error("force quit: %d requests still ran after %g s; usage they had not recorded is lost",
+                              len(running), FORCE_QUIT_REQUESTS_TIMEOUT)
+            await gateway.usage.stop(FORCE_QUIT_FLUSH_TIMEOUT)
 
     uvicorn_config = uvicorn.Config(
         app,

@@ -6,7 +6,8 @@ as it was and under the same id, before any newer counts: the store may have app
 try without our hearing so, and the id lets it apply the batch at most once. So a store outage
 delays usage but neither loses nor doubles it (bounded: past MAX_PENDING rows the oldest hour of
 the newer counts is dropped, and the log says so). At shutdown the flush is tried for up to
-FINAL_FLUSH_TIMEOUT; what is still not stored then is lost, and the log says how much.
+FINAL_FLUSH_TIMEOUT (a force quit, which skips the lifespan shutdown, has its own shorter bound:
+gateway/cli.py); what is still not stored then is lost, and the log says how much.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class UsageRecorder:
         self._outgoing: UsageBatch | None = None  # sent, or being sent, until the store confirms it
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self.stopped = False  # the final flush has begun (the lifespan's, or a force quit's)
 
     def add(self, key_id: str, model: str, *, prompt_tokens: int = 0, completion_tokens: int = 0,
             error: bool = False) -> None:
@@ -46,17 +48,21 @@ class UsageRecorder:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="usage-flush")
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float | None = None) -> None:
+        """The final flush: tried for up to `timeout` (FINAL_FLUSH_TIMEOUT); what the store has not
+        taken by then is lost."""
+        timeout = FINAL_FLUSH_TIMEOUT if timeout is None else timeout
+        self.stopped = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         try:
-            async with asyncio.timeout(FINAL_FLUSH_TIMEOUT):
+            async with asyncio.timeout(timeout):
                 while not await self.flush():
                     await asyncio.sleep(FINAL_FLUSH_RETRY_DELAY)
         except TimeoutError:
             pass
-        self._report_lost()
+        self._report_lost(timeout)
 
     async def _run(self) -> None:
         while True:
@@ -98,12 +104,12 @@ class UsageRecorder:
             del self._pending[row]
         log.error("usage backlog over %d rows: dropped %d rows of hour %d", MAX_PENDING, len(dropped), oldest)
 
-    def _report_lost(self) -> None:
+    def _report_lost(self, timeout: float) -> None:
         lost = sum(self._held(), UsageDelta())
         if lost != UsageDelta():
             log.error("usage lost at shutdown: the store did not take %d requests, %d prompt tokens and "
-                      "%d completion tokens (%d errors) within %.0f s", lost.requests, lost.prompt_tokens,
-                      lost.completion_tokens, lost.errors, FINAL_FLUSH_TIMEOUT)
+                      "%d completion tokens (%d errors) within %g s", lost.requests, lost.prompt_tokens,
+                      lost.completion_tokens, lost.errors, timeout)
 
     def _held(self) -> list[UsageDelta]:
         """Every row not yet stored: the outgoing batch's and the newer ones."""
