@@ -20,6 +20,7 @@ from gateway.admission import open_admission
 from gateway.api import admin, admin_backends, admin_keys, health, v1
 from gateway.auth import KeyCache
 from gateway.config import Config, ConfigError, load
+from gateway.cors import cors_config, with_cors
 from gateway.errors import (
     BodyTooLarge,
     GatewayError,
@@ -235,6 +236,7 @@ class FrontDoor:
     def __init__(self, app: Litestar) -> None:
         self.app = app
         self._hot = {path: endpoint for endpoint, path in PATHS.items()}
+        self._cors = app.cors_config  # Litestar's middleware does the same for its own routes
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         endpoint = self._hot.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
@@ -246,6 +248,8 @@ class FrontDoor:
             await self.app(scope, receive, send)
             return
         scope["app"] = self.app
+        if self._cors is not None:
+            send = with_cors(self._cors, scope, send)
         try:
             await v1.serve(scope, receive, send, endpoint)
         except Exception as exc:
@@ -328,6 +332,7 @@ def create_app(config: Config, config_path: str | None = None, file_config: Conf
         # Bodies over the bound are refused from Content-Length alone, or as soon as the bytes
         # read pass it; never read whole into memory.
         request_max_body_size=config.server.max_body,
+        cors_config=cors_config(config.server.cors_origins),
         openapi_config=None,
         logging_config=None,  # gateway.logsetup configures logging once, for text or JSON
         debug=False,

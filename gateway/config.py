@@ -76,6 +76,8 @@ Name = Annotated[str, Field(max_length=200), _matching(
 BackendName = Annotated[str, Field(max_length=64), _matching(
     r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", "a backend name (letters, digits and . _ -, starting with a letter or digit)")]
 Url = Annotated[str, _matching(r"^https?://[^\s/]+", "an http:// or https:// URL")]
+Origin = Annotated[str, Field(max_length=256), _matching(
+    r"^(\*|https?://[^\s/]+)$", "`*` or an origin (scheme://host[:port], no path)")]
 
 
 class _Section(BaseModel):
@@ -102,6 +104,10 @@ class ServerConfig(_Section):
     read_timeout: Seconds = Field(default=60.0, ge=1.0)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Origins whose pages may call the gateway from a browser (CORS): exact origins, `*` for any,
+    # or a `*` inside one (`https://*.example.com`). None by default: with keys off on loopback,
+    # any web page the local user opens could otherwise use the gateway.
+    cors_origins: list[Origin] = Field(default_factory=list, max_length=100)
 
 
 class AdminConfig(_Section):

@@ -28,6 +28,8 @@ GENERATED = re.compile(r"^req_[0-9a-f]{12}[0-9a-f]+$")
 class Inner:
     """Stands in for the Litestar app: records what reached it."""
 
+    cors_config = None
+
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
 
