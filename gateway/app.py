@@ -270,7 +270,8 @@ class FrontDoor:
 
 
 # What an operator fixes rather than reports: another gateway on the data dir, Redis unreachable
-# or too old, a directory it may not write. Anything else is a bug and keeps its traceback.
+# or too old, a directory it may not write, a store file it cannot use (store.sqlite.StoreUnusable,
+# a RuntimeError). Anything else is a bug and keeps its traceback.
 CANNOT_START = (RuntimeError, OSError, *OUTAGE)
 
 

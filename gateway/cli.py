@@ -57,16 +57,21 @@ def serve(args: argparse.Namespace) -> None:
               file=sys.stderr)
         raise SystemExit(EXIT_CONFIG)
     log_config = logsetup.configure(server.log_level, server.log_format)
-    # Private: it holds keys' hashes, usage and the runtimes' logs. One that exists keeps the mode
-    # its operator gave it (gateway/store/sqlite.py, make_private).
-    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     import uvicorn
 
     from gateway.app import create_app
     from gateway.protocol import http_protocol
 
-    app = create_app(config, args.config or os.environ.get("GATEWAY_CONFIG"), file_config)
+    try:
+        # Private: it holds keys' hashes, usage and the runtimes' logs. One that exists keeps the
+        # mode its operator gave it (gateway/store/sqlite.py, make_private).
+        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        app = create_app(config, args.config or os.environ.get("GATEWAY_CONFIG"), file_config)  # makes data_dir/logs
+    except OSError as exc:  # one line, as a start that fails later says it (app.CANNOT_START)
+        log.error("The gateway cannot start: %s (%s): data_dir must be a directory the gateway's user can write",
+                  exc.filename or config.data_dir, exc.strerror or exc)
+        raise SystemExit(EXIT_STARTUP) from None
     gateway = app.app.state.gateway  # (the FrontDoor create_app returns wraps the Litestar app)
 
     class Server(uvicorn.Server):

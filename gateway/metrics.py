@@ -178,6 +178,13 @@ admission_mode = Gauge("gateway_admission_mode", "1 for the admission mode in fo
                        ["mode"], registry=REGISTRY)
 redis_up = Gauge("gateway_redis_up", "1 while the shared Redis answers, 0 while the circuit is open.", registry=REGISTRY)
 
+# Usage accounting (gateway/usage.py): set at each flush, so 0 on a healthy replica whatever its traffic.
+usage_unsaved = Gauge(
+    "gateway_usage_unsaved_requests",
+    "Requests counted in memory that the store has not taken, as of the last usage flush (about once a second).",
+    registry=REGISTRY,
+)
+
 # Per key: only with metrics.key_labels, since every key is a label value.
 key_requests = Counter("gateway_key_requests_total", "Requests by API key id (metrics.key_labels only).",
                        ["key_id", "model", "status"], registry=REGISTRY)

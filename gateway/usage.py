@@ -7,7 +7,8 @@ try without our hearing so, and the id lets it apply the batch at most once. So 
 delays usage but neither loses nor doubles it (bounded: past MAX_PENDING rows the oldest hour of
 the newer counts is dropped, and the log says so). At shutdown the flush is tried for up to
 FINAL_FLUSH_TIMEOUT (a force quit, which skips the lifespan shutdown, has its own shorter bound:
-gateway/cli.py); what is still not stored then is lost, and the log says how much.
+gateway/cli.py); what is still not stored then is lost, and the log says how much. While flushes
+fail, gateway_usage_unsaved_requests says how many requests are held (alert GatewayUsageNotStored).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import logging
 import time
 
+from gateway import metrics
 from gateway.store.base import Store, UsageBatch, UsageDelta, UsageKey, hour_of, new_batch_id
 
 log = logging.getLogger("gateway.usage")
@@ -86,7 +88,9 @@ class UsageRecorder:
             except Exception as exc:  # noqa: BLE001 - keep the counts and retry next time
                 log.warning("usage flush failed (%s); %d rows kept for retry", exc, len(self._held()))
                 self._drop_oldest_hour_past_max()
+                metrics.usage_unsaved.set(sum(d.requests for d in self._held()))
                 return False
+            metrics.usage_unsaved.set(0)
             return True
 
     def _seal_pending(self) -> UsageBatch:

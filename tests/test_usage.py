@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gateway import usage
+from gateway import metrics, usage
 from gateway.store.base import UsageBatch
 from gateway.usage import UsageRecorder
 
@@ -103,3 +103,25 @@ async def test_usage_the_store_never_takes_is_reported_lost(monkeypatch: Any, ca
     lost = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(lost) == 1
     assert "7 requests, 70 prompt tokens and 35 completion tokens" in lost[0].getMessage()
+
+
+def unsaved() -> float | None:
+    return metrics.REGISTRY.get_sample_value("gateway_usage_unsaved_requests")
+
+
+async def test_requests_the_store_has_not_taken_are_exported_until_it_takes_them() -> None:
+    store = FlakyStore(failures=2)
+    recorder = UsageRecorder(store)  # type: ignore[arg-type]
+    for _ in range(3):
+        recorder.add("key_1", "m", prompt_tokens=2)
+    assert await recorder.flush() is False
+    assert unsaved() == 3
+    recorder.add("key_2", "m")
+    assert await recorder.flush() is False  # the held batch failed again; the newer request waits behind it
+    assert unsaved() == 4
+    assert await recorder.flush() is True
+    assert unsaved() == 0
+    # Traffic between two flushes that succeed is not "unsaved": a busy, healthy replica stays at 0.
+    recorder.add("key_1", "m")
+    assert unsaved() == 0
+    assert await recorder.flush() is True and unsaved() == 0

@@ -6,6 +6,7 @@ import functools
 import logging
 import math
 import re
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
@@ -164,9 +165,15 @@ def _gateway(request: Request[Any, Any, Any]) -> Gateway:
 Handler = Callable[..., Awaitable[Response[Any]]]
 
 
+# An embedded store that cannot write (disk full, a read-only or failing disk) stays so until the
+# operator acts: clients retrying it every second would only fill the log.
+CANNOT_WRITE_RETRY_AFTER = "30"
+
+
 def _store_outage_is_503(handler: Handler) -> Handler:
     """A store that is away answers 503 with retry-after, as /v1 does when admission's Redis is
-    away: a client's retry logic knows what to do with that, not with a 500 internal_error."""
+    away: a client's retry logic knows what to do with that, not with a 500 internal_error. So does
+    an embedded store that cannot write; its transaction was rolled back, so nothing changed."""
 
     @functools.wraps(handler)  # Litestar reads the handler's parameters through the wrapper
     async def answer(*args: Any, **kwargs: Any) -> Response[Any]:
@@ -176,6 +183,10 @@ def _store_outage_is_503(handler: Handler) -> Handler:
             log.warning("%s: the key store is unreachable (%s)", handler.__name__, exc)
             raise BackendUnavailable("The gateway cannot reach its key store; try again shortly.",
                                      headers={"retry-after": "1"}) from None
+        except sqlite3.OperationalError as exc:  # SQLITE_FULL, SQLITE_READONLY, SQLITE_IOERR, ...
+            log.error("%s: the key store cannot write (%s)", handler.__name__, exc)
+            raise BackendUnavailable(f"The key store cannot write: {exc}. Nothing was changed; try again later.",
+                                     headers={"retry-after": CANNOT_WRITE_RETRY_AFTER}) from None
 
     return answer
 

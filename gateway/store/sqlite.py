@@ -1,9 +1,14 @@
 """The embedded store: one SQLite file in the data directory, stdlib only.
 
 For one gateway process (the single-box default). Every statement runs on one dedicated thread,
-so the event loop never blocks on disk and SQLite sees one writer. WAL + synchronous=NORMAL:
-a committed key survives a crash of the process; usage is flushed about once a second. Usage
-past `store.usage_retention` is deleted by the flush, on the same thread, at most once an hour.
+so the event loop never blocks on disk and SQLite sees one writer. WAL + synchronous=FULL: a
+commit is on disk before it is answered, so a key created, or revoked, stays so across a power
+loss too. Usage is flushed about once a second. Usage past `store.usage_retention` is deleted by
+the flush, on the same thread, at most once an hour.
+
+The layout is versioned in the file's `user_version` (SCHEMA_VERSION): a gateway opens a file
+of an older layout by running MIGRATIONS, and refuses one of a newer layout, which it would
+misread.
 """
 
 from __future__ import annotations
@@ -33,32 +38,52 @@ log = logging.getLogger("gateway.store")
 # deletes them over a few flushes, a few milliseconds each, rather than in one long transaction.
 PRUNE_BATCH = 10_000
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS keys (
-    id TEXT PRIMARY KEY,
-    created_at REAL NOT NULL,
-    record TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS usage (
-    hour INTEGER NOT NULL,
-    key_id TEXT NOT NULL,
-    model TEXT NOT NULL,
-    requests INTEGER NOT NULL DEFAULT 0,
-    prompt_tokens INTEGER NOT NULL DEFAULT 0,
-    completion_tokens INTEGER NOT NULL DEFAULT 0,
-    errors INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (hour, key_id, model)
-);
-CREATE TABLE IF NOT EXISTS last_used (
-    key_id TEXT PRIMARY KEY,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS usage_batches (
-    id TEXT PRIMARY KEY,
-    applied_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS usage_batches_applied_at ON usage_batches (applied_at);
-"""
+# The layout this gateway reads and writes, kept in the file's `user_version`. A change to the
+# tables bumps it and adds the step from the one before to MIGRATIONS.
+SCHEMA_VERSION = 1
+
+# Layout 1, as every gateway before versioning made it (usage_batches came last: IF NOT EXISTS
+# adds it to a file from before then).
+SCHEMA_1 = (
+    """CREATE TABLE IF NOT EXISTS keys (
+        id TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        record TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS usage (
+        hour INTEGER NOT NULL,
+        key_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        requests INTEGER NOT NULL DEFAULT 0,
+        prompt_tokens INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        errors INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (hour, key_id, model)
+    )""",
+    """CREATE TABLE IF NOT EXISTS last_used (
+        key_id TEXT PRIMARY KEY,
+        at REAL NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS usage_batches (
+        id TEXT PRIMARY KEY,
+        applied_at REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS usage_batches_applied_at ON usage_batches (applied_at)",
+)
+
+
+def _create_schema_1(db: sqlite3.Connection) -> None:
+    for statement in SCHEMA_1:
+        db.execute(statement)
+
+
+# version -> the step to it from the version before, run in order in the transaction that then
+# sets user_version. From 0 (a new file, or one an unversioned gateway made) the step is layout 1.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _create_schema_1}
+
+
+class StoreUnusable(RuntimeError):
+    """The database file cannot be used as it is: the operator's to fix, said in one line."""
 
 
 PRIVATE_DIR = 0o700
@@ -102,15 +127,63 @@ class SQLiteStore(Store):
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     async def open(self) -> None:
-        def connect() -> sqlite3.Connection:
+        self._db = await asyncio.get_running_loop().run_in_executor(self._executor, self._connect)
+
+    def _connect(self) -> sqlite3.Connection:
+        """On the store's thread: the file opened, brought to SCHEMA_VERSION, and said so in the log.
+        A file that cannot be used is a StoreUnusable, said in one line (app.CANNOT_START)."""
+        existed = self.path.exists()
+        db = None
+        try:
             make_private(self.path)
             db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(SCHEMA)
-            return db
+            # FULL: each commit is fsynced before it is answered (NORMAL waits for a checkpoint, so a
+            # power loss could undo a key answered 201, or a revocation). That is one fsync per
+            # commit: the usage flush about once a second, and the rare key write.
+            db.execute("PRAGMA synchronous=FULL")
+            had_tables, version, keys = self._migrate(db)
+        except BaseException as exc:
+            if db is not None:
+                db.close()
+            if isinstance(exc, (OSError, sqlite3.DatabaseError)):
+                raise self._unusable(exc) from exc
+            raise
+        if not existed:
+            # Expected on a first start; on any other, data_dir is not where the keys were.
+            log.warning("created a new, empty store at %s", self.path)
+        elif not had_tables:
+            log.warning("%s was empty: started a new, empty store in it; if it held keys, stop the gateway "
+                        "and restore it from a backup", self.path)
+        elif version < SCHEMA_VERSION:
+            log.info("embedded store %s: schema %d upgraded to %d", self.path, version, SCHEMA_VERSION)
+        log.info("embedded store %s: %d keys", self.path, keys)
+        return db
 
-        self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+    def _migrate(self, db: sqlite3.Connection) -> tuple[bool, int, int]:
+        """Runs the migrations the file needs, all in one transaction; returns whether it had tables,
+        the schema version it had, and how many keys it holds."""
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreUnusable(f"{self.path} was written by a newer gateway (schema {version}, this one knows "
+                                    f"{SCHEMA_VERSION}): upgrade this one, or restore a backup from before the upgrade")
+            had_tables = db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is not None
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                MIGRATIONS[step](db)
+            if version < SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            keys = db.execute("SELECT count(*) FROM keys").fetchone()[0]
+        return had_tables, version, keys
+
+    def _unusable(self, exc: OSError | sqlite3.DatabaseError) -> StoreUnusable:
+        if (getattr(exc, "sqlite_errorname", None) or "").startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
+            return StoreUnusable(f"{self.path} is not a usable SQLite database ({exc}): restore it from a backup, "
+                                 "or move it away to start with an empty store")
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return StoreUnusable(f"cannot open the embedded store {self.path} ({reason}): data_dir must be writable "
+                             "by the gateway's user, on a disk with room")
 
     async def close(self) -> None:
         if self._db is not None:

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.deploy.names import ALERTS, ALERTS_TEST, DEPLOY
@@ -37,8 +38,8 @@ def test_alert_unit_tests_cover_firing_and_quiet_cases() -> None:
         for case in test["alert_rule_test"]:
             (fired if case.get("exp_alerts") else quiet).add(case["alertname"])
     assert {"GatewayBackendDown", "GatewayBackendCrashLoop", "GatewayHighErrorRatio", "GatewayQueueSaturated",
-            "GatewayRedisDown"} <= fired
-    assert {"GatewayBackendDown", "GatewayQueueSaturated"} <= quiet
+            "GatewayRedisDown", "GatewayUsageNotStored"} <= fired
+    assert {"GatewayBackendDown", "GatewayQueueSaturated", "GatewayUsageNotStored"} <= quiet
     alerts = {r["alert"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
     assert alerts <= fired, f"alerts without a test that fires them: {alerts - fired}"
 
@@ -52,6 +53,24 @@ def test_the_unit_tests_catch_a_broken_rule(promtool: str, tmp_path: Path) -> No
     result = run(promtool, "test", "rules", str(tmp_path / "alerts_test.yml"))
     assert result.returncode != 0
     assert "GatewayBackendDown" in result.stdout + result.stderr
+
+
+USAGE_ALERT = """        expr: gateway_usage_unsaved_requests > 0
+        for: 5m
+"""
+
+
+@pytest.mark.parametrize("broken", [
+    USAGE_ALERT.replace("for: 5m", "for: 1m"),  # would warn about one failed flush
+    USAGE_ALERT.replace("> 0", "> 100"),  # would stay quiet while the usage held is small
+], ids=["too soon", "too late"])
+def test_the_unit_tests_catch_a_broken_usage_alert(promtool: str, tmp_path: Path, broken: str) -> None:
+    assert USAGE_ALERT in ALERTS.read_text()
+    (tmp_path / "alerts.yml").write_text(ALERTS.read_text().replace(USAGE_ALERT, broken))
+    shutil.copy(ALERTS_TEST, tmp_path / "alerts_test.yml")
+    result = run(promtool, "test", "rules", str(tmp_path / "alerts_test.yml"))
+    assert result.returncode != 0
+    assert "GatewayUsageNotStored" in result.stdout + result.stderr
 
 
 def test_scrape_config_check(promtool: str, tmp_path: Path) -> None:
