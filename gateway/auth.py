@@ -11,7 +11,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from litestar import Request
 from gateway.config import AuthConfig, LimitValues
 from gateway.errors import AuthenticationFailed, ModelNotFound, PermissionDenied
 from gateway.routing import Route
-from gateway.store.base import ApiKey, Store, hash_secret
+from gateway.store.base import ApiKey, KeyRecordError, Store, hash_secret, log_unreadable
 
 log = logging.getLogger("gateway.auth")
 
@@ -129,7 +129,7 @@ class KeyCache:
         self._store = store
         self._required = auth.required
         self._index = KeyIndex(defaults)
-        self._loaded_version: int | None = None  # the store's keys_version() before the last reload read it
+        self._loaded_version: Hashable | None = None  # the store's keys_version() before the last reload read it
         self._task: asyncio.Task[None] | None = None
         self._changed_while_loading: list[set[str]] = []  # one set per reload reading the store
         self.set_defaults(defaults)
@@ -169,7 +169,12 @@ class KeyCache:
         self._loaded_version = version
 
     async def refresh(self, key_id: str) -> None:
-        self._put(key_id, await self._store.get_key(key_id))
+        try:
+            key = await self._store.get_key(key_id)
+        except KeyRecordError as exc:  # as a reload leaves it out: it opens nothing
+            log_unreadable(key_id, exc)
+            key = None
+        self._put(key_id, key)
 
     def apply(self, key: ApiKey) -> None:
         """A key as this replica's admin API just wrote it: in force before the answer goes out,
@@ -246,6 +251,15 @@ class KeyCache:
     async def _keys_moved(self) -> bool:
         # Every write moves the version, those the feed did bring too: an interval with a key
         # change ends with a reload (off the event loop); one with none costs a single read.
+        #
+        # So does the store losing its data (Redis restarted without persistence, flushed):
+        # the store says so at ERROR, and the cache follows it, keys gone and all, as after any
+        # change. Keeping the keys loaded before would serve clients a while longer, but every
+        # replica would then hold its own set (none at all for one started since), different
+        # from what the admin API lists, a revocation could not reach a key the store no longer
+        # has, and a deliberate flush would never take. Following the store, every replica
+        # answers alike, and the operator's fix (a restored backup, keys issued again) reaches
+        # them all the same way.
         return await self._store.keys_version() != self._loaded_version
 
     def authenticate(self, authorization: str | None) -> Principal:

@@ -1,6 +1,10 @@
 """Every Redis key the gateway uses, in one screen. `{prefix}` isolates installations sharing a Redis.
 
 Store (keys and usage):
+    {p}schema                string  the version of this layout, SET NX by the first gateway to open
+                                     the store; one newer than a gateway knows keeps it from starting
+    {p}store:id              string  "{created, by Redis's clock}:{random}", SET NX at open: gone or
+                                     replaced later, Redis lost the data (gateway/store/redis_mark.py)
     {p}key:{id}              string  JSON record of one API key (hash of the secret, never the secret)
     {p}keys                  zset    key ids by creation time
     {p}keys:changed          channel key ids changed by any replica (pub/sub)
@@ -23,6 +27,14 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Keyspace:
     prefix: str = "gw:"
+
+    @property
+    def schema(self) -> str:
+        return f"{self.prefix}schema"
+
+    @property
+    def store_id(self) -> str:
+        return f"{self.prefix}store:id"
 
     def key(self, key_id: str) -> str:
         return f"{self.prefix}key:{key_id}"

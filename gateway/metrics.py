@@ -185,6 +185,15 @@ usage_unsaved = Gauge(
     registry=REGISTRY,
 )
 
+# The store (gateway/store/redis_mark.py): a Redis that lost the gateway's data answers as if it
+# never had any, and every client gets 401; each replica that finds it so counts it once.
+store_data_losses = Counter(
+    "gateway_store_data_losses_total",
+    "Times this replica found its Redis store had lost the gateway's data (restarted without persistence, "
+    "flushed, or failed over to an empty replica): keys, usage and rate windows gone.",
+    registry=REGISTRY,
+)
+
 # Per key: only with metrics.key_labels, since every key is a label value.
 key_requests = Counter("gateway_key_requests_total", "Requests by API key id (metrics.key_labels only).",
                        ["key_id", "model", "status"], registry=REGISTRY)

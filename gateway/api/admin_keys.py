@@ -18,9 +18,9 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 from gateway import keys
 from gateway.auth import require_admin
-from gateway.errors import BackendUnavailable, InvalidRequest
+from gateway.errors import BackendUnavailable, GatewayError, InvalidRequest
 from gateway.openai import decode_as, encode, nests_deeper
-from gateway.store.base import hour_of
+from gateway.store.base import KeyRecordError, hour_of
 from gateway.store.redis import OUTAGE
 
 if TYPE_CHECKING:
@@ -187,6 +187,11 @@ def _store_outage_is_503(handler: Handler) -> Handler:
             log.error("%s: the key store cannot write (%s)", handler.__name__, exc)
             raise BackendUnavailable(f"The key store cannot write: {exc}. Nothing was changed; try again later.",
                                      headers={"retry-after": CANNOT_WRITE_RETRY_AFTER}) from None
+        except KeyRecordError as exc:  # a record damaged in the store (by hand, a bug): nothing was changed
+            log.error("%s: a key's stored record cannot be read (%s)", handler.__name__, exc)
+            # A 500 (the store's fault, not the request's), but no bug: logged once above, no traceback.
+            raise GatewayError(f"This key's stored record cannot be read ({exc}); nothing was changed. Fix or "
+                               "delete it in the store.", code="key_record_unreadable") from None
 
     return answer
 

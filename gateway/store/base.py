@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
+import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
+
+import msgspec
+
+log = logging.getLogger("gateway.store")
 
 KEY_PREFIX = "sk-gw-"  # recognisable in logs, configs and secret scanners
 
@@ -51,6 +57,10 @@ class ApiKey:
     # After a rotation the previous secret keeps working until this time.
     previous_hash: str | None = None
     previous_expires_at: float | None = None
+    # Fields of the record this version does not know: a newer gateway's, written during a
+    # rolling upgrade or before a rollback. Kept, and written back with the record, so that an
+    # older replica's change to the key never drops them.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def usable(self, now: float) -> bool:
         return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
@@ -62,14 +72,66 @@ class ApiKey:
         return out
 
     def to_record(self) -> dict[str, Any]:
-        return asdict(self)
+        record = asdict(self)
+        return {**record.pop("extra"), **record}
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> ApiKey:
-        return cls(**record)
+    def from_record(cls, record: Any) -> ApiKey:
+        """The key a stored record describes, its types checked (a record of the wrong shape
+        would otherwise fail later, on the request path). KeyRecordError if it is not one."""
+        if not isinstance(record, dict):
+            raise KeyRecordError(f"a JSON object was expected, not {type(record).__name__}")
+        known = {name: value for name, value in record.items() if name in _RECORD_FIELDS}
+        try:
+            key = msgspec.convert(known, cls)
+        except msgspec.ValidationError as exc:
+            raise KeyRecordError(str(exc)) from None
+        extra = {name: value for name, value in record.items() if name not in _RECORD_FIELDS}
+        return replace(key, extra=extra) if extra else key
+
+    @classmethod
+    def decode(cls, raw: str | bytes) -> ApiKey:
+        """A record as a store keeps it (JSON)."""
+        try:
+            record = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise KeyRecordError(f"not JSON ({exc})") from None
+        return cls.from_record(record)
+
+    def encode(self) -> str:
+        return json.dumps(self.to_record())
 
     def updated(self, **changes: Any) -> ApiKey:
         return replace(self, updated_at=time.time(), **changes)
+
+
+# What a record holds of this version's fields ("extra" is never one: a newer gateway's field of
+# that name would land in `extra`, not replace it).
+_RECORD_FIELDS = frozenset(f.name for f in fields(ApiKey)) - {"extra"}
+
+
+class KeyRecordError(ValueError):
+    """A stored key record this gateway cannot read: not JSON, or a field missing or of the wrong type."""
+
+
+def decode_keys(records: Iterable[tuple[str, str | bytes | None]]) -> list[ApiKey]:
+    """The keys of (key id, stored record) pairs, in their order. An absent record is skipped; so
+    is one that cannot be read, with an ERROR naming it: one bad record must not keep every
+    other key from loading (the auth cache's reload, a new replica's start, the key listing)."""
+    out = []
+    for key_id, raw in records:
+        if raw is None:
+            continue
+        try:
+            out.append(ApiKey.decode(raw))
+        except KeyRecordError as exc:
+            log_unreadable(key_id, exc)
+    return out
+
+
+def log_unreadable(key_id: str, exc: KeyRecordError) -> None:
+    log.error("API key %s left out: its stored record cannot be read (%s). It opens nothing until the record is "
+              "fixed or deleted in the store", key_id, exc)
 
 
 @dataclass(frozen=True)
@@ -163,6 +225,11 @@ class PruneSchedule:
 class Store(abc.ABC):
     """One interface, two implementations; `tests/store/` runs one contract suite over both."""
 
+    # How many times this process found the store had lost its data (Redis restarted without
+    # persistence, flushed, failed over to an empty replica); each is logged at ERROR. For the
+    # app to export; a store that cannot lose its data underneath the gateway leaves it at 0.
+    data_losses: int = 0
+
     async def open(self) -> None:  # noqa: B027 - optional hook
         pass
 
@@ -174,7 +241,8 @@ class Store(abc.ABC):
     async def create_key(self, key: ApiKey) -> None: ...
 
     @abc.abstractmethod
-    async def get_key(self, key_id: str) -> ApiKey | None: ...
+    async def get_key(self, key_id: str) -> ApiKey | None:
+        """KeyRecordError if its record cannot be read."""
 
     @abc.abstractmethod
     async def modify_key(self, key_id: str, change: KeyChange) -> ApiKey | None:
@@ -182,11 +250,13 @@ class Store(abc.ABC):
         revocation answered as done cannot be undone by a concurrent update. Returns the key as it
         now is, or None if there is no such key. `change` returns its argument to write nothing,
         or raises to refuse (the record stays as it was); it may run more than once (on Redis,
-        after a concurrent write), so it must have no other effect."""
+        after a concurrent write), so it must have no other effect. KeyRecordError, changing
+        nothing, if the record cannot be read."""
 
     @abc.abstractmethod
     async def all_keys(self) -> list[ApiKey]:
-        """Every key, oldest first (the auth cache loads them all at start)."""
+        """Every key, oldest first (the auth cache loads them all at start). A record that cannot
+        be read is left out, with an ERROR (decode_keys)."""
 
     @abc.abstractmethod
     def key_changes(self) -> AsyncIterator[str | None]:
@@ -194,10 +264,11 @@ class Store(abc.ABC):
         with None, and sends it again after a reconnect (messages may have been missed)."""
 
     @abc.abstractmethod
-    async def keys_version(self) -> int | None:
-        """A number that every key write (create, or a modify that writes) changes, for a reader
-        of all_keys to tell later whether it has missed a change the feed lost; None on a store
-        whose feed loses none, where there is nothing to look at."""
+    async def keys_version(self) -> Hashable | None:
+        """A value that every key write (create, or a modify that writes) changes, and so does
+        the store losing its data, for a reader of all_keys to tell later (by comparing it) whether
+        it has missed a change the feed lost; None on a store whose feed loses none, where there
+        is nothing to look at."""
 
     # --- usage ---
     @abc.abstractmethod

@@ -8,13 +8,15 @@ under WATCH (read, change, write, or again if another replica wrote meanwhile). 
 published on a channel; every replica's auth cache reloads the key it names, so a revocation is
 seen everywhere within milliseconds. A counter moved by every key write lets a replica find out
 whether the channel lost one.
+
+A Redis that keeps nothing on disk forgets every key when it restarts, and answers as if there
+had never been any: the store reads its mark (gateway/store/redis_mark.py) with that counter.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +30,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from gateway.config import DEFAULT_USAGE_RETENTION
 from gateway.keyspace import Keyspace
 from gateway.store.base import (BATCH_ID_TTL, USAGE_FIELDS, ApiKey, KeyChange, PruneSchedule, Store, UsageBatch,
-                                UsageDelta, UsageKey, last_expired_hour, usage_expires_at)
+                                UsageDelta, UsageKey, decode_keys, last_expired_hour, usage_expires_at)
+from gateway.store.redis_mark import StoreMark
 
 log = logging.getLogger("gateway.store")
 
@@ -56,6 +59,14 @@ class RedisStore(Store):
         self._usage_retention = usage_retention
         self._sweep = PruneSchedule(clock)
         self._kept_hours_stamped = False
+        self.mark = StoreMark(client, self.ks)
+
+    async def open(self) -> None:
+        await self.mark.open()
+
+    @property
+    def data_losses(self) -> int:  # type: ignore[override]
+        return self.mark.losses
 
     @contextlib.asynccontextmanager
     async def _writing(self) -> AsyncIterator[None]:
@@ -71,7 +82,7 @@ class RedisStore(Store):
 
     async def create_key(self, key: ApiKey) -> None:
         async with self._writing(), self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.ks.key(key.id), json.dumps(key.to_record()))
+            pipe.set(self.ks.key(key.id), key.encode())
             pipe.zadd(self.ks.keys, {key.id: key.created_at})
             pipe.incr(self.ks.keys_version)
             pipe.publish(self.ks.keys_changed, key.id)
@@ -79,7 +90,7 @@ class RedisStore(Store):
 
     async def get_key(self, key_id: str) -> ApiKey | None:
         raw = await self.redis.get(self.ks.key(key_id))
-        return ApiKey.from_record(json.loads(raw)) if raw else None
+        return ApiKey.decode(raw) if raw else None
 
     async def modify_key(self, key_id: str, change: KeyChange) -> ApiKey | None:
         record = self.ks.key(key_id)
@@ -88,11 +99,11 @@ class RedisStore(Store):
             raw = await pipe.get(record)
             if not raw:
                 return None
-            current = ApiKey.from_record(json.loads(raw))
+            current = ApiKey.decode(raw)
             key = change(current)
             pipe.multi()
             if key != current:
-                pipe.set(record, json.dumps(key.to_record()))
+                pipe.set(record, key.encode())
                 pipe.incr(self.ks.keys_version)
                 pipe.publish(self.ks.keys_changed, key_id)
             return key
@@ -105,9 +116,10 @@ class RedisStore(Store):
         ids = await self.redis.zrange(self.ks.keys, 0, -1)
         if not ids:
             return []
-        raws = await self.redis.mget([self.ks.key(i.decode() if isinstance(i, bytes) else i) for i in ids])
+        key_ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
+        raws = await self.redis.mget([self.ks.key(i) for i in key_ids])
         # Decoded in a thread: 10,000 records take a tenth of a second the event loop must not wait.
-        return await asyncio.to_thread(lambda: [ApiKey.from_record(json.loads(raw)) for raw in raws if raw])
+        return await asyncio.to_thread(decode_keys, zip(key_ids, raws))
 
     async def key_changes(self) -> AsyncIterator[str | None]:  # type: ignore[override]
         """Pub/sub messages; after any disconnect, None first (messages may have been missed)."""
@@ -130,13 +142,19 @@ class RedisStore(Store):
                 except (RedisError, OSError):
                     pass
 
-    async def keys_version(self) -> int:
+    async def keys_version(self) -> tuple[str | None, int]:
         """Pub/sub drops messages a subscriber misses, and a subscription can die silently: the
         counter every key write increments, in the write's own MULTI, shows what the feed lost.
         Absent (every key was written before there was a counter) it reads as 0, so the first
-        write after an upgrade still shows as a change."""
-        raw = await self.redis.get(self.ks.keys_version)
-        return int(raw) if raw else 0
+        write after an upgrade still shows as a change.
+
+        With it, in the same round trip, the store id (StoreMark): read every
+        KEYS_VERSION_INTERVAL and at every reload of the key cache (after a reconnect, first of
+        all), so a Redis that lost the data is found within a second of its restart, and a flush
+        within the interval. The id is part of the version: the keys of another store are a
+        change, whatever the counter says."""
+        raw_version, raw_id = await self.redis.mget(self.ks.keys_version, self.ks.store_id)
+        return await self.mark.seen(raw_id), int(raw_version) if raw_version else 0
 
     async def add_usage(self, batch: UsageBatch) -> None:
         marker = self.ks.usage_batch(batch.id)

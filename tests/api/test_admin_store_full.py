@@ -101,3 +101,22 @@ async def test_usage_the_store_cannot_write_is_counted_until_it_can(
     await gateway.store._run(lambda db: db.execute("PRAGMA max_page_count = 1073741823"))  # type: ignore[attr-defined]
     assert await gateway.usage.flush() is True
     assert metrics.REGISTRY.get_sample_value("gateway_usage_unsaved_requests") == 0
+
+
+async def test_a_key_whose_stored_record_is_damaged_is_a_500_saying_so_and_the_others_list(
+        running: tuple[Gateway, httpx.AsyncClient], caplog: pytest.LogCaptureFixture) -> None:
+    gateway, client = running
+    damaged = (await client.post("/admin/keys", json={"name": "damaged"}, headers=ADMIN)).json()
+    fine = (await client.post("/admin/keys", json={"name": "fine"}, headers=ADMIN)).json()
+    await gateway.store._run(lambda db: db.execute(  # type: ignore[attr-defined]
+        "UPDATE keys SET record = '{not json' WHERE id = ?", (damaged["id"],)))
+    for method, path in (("GET", f"/admin/keys/{damaged['id']}"), ("PATCH", f"/admin/keys/{damaged['id']}"),
+                         ("DELETE", f"/admin/keys/{damaged['id']}")):
+        response = await client.request(method, path, json={"name": "x"} if method == "PATCH" else None, headers=ADMIN)
+        error = error_of(response, 500)
+        assert "stored record cannot be read" in error["message"] and "nothing was changed" in error["message"]
+        assert (error["type"], error["code"]) == ("server_error", "key_record_unreadable")
+    listed = (await client.get("/admin/keys", headers=ADMIN)).json()["data"]
+    assert [k["id"] for k in listed] == [fine["id"]]  # left out, with an ERROR naming it
+    assert any(damaged["id"] in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+    assert "Traceback" not in caplog.text

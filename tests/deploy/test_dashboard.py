@@ -74,7 +74,8 @@ def test_covers_what_operators_watch() -> None:
     titles = " | ".join(p["title"].lower() for p in panels(dashboard()))
     for topic in ("requests/s", "p50 / p95 / p99", "time to first token", "inter-token", "tokens/s",
                   "queue depth", "queue wait", "rate-limited", "rejected", "in-flight", "backend state",
-                  "restarts", "backend ready", "backend load", "kv cache", "upstream errors", "by key", "redis", "usage not yet stored"):
+                  "restarts", "backend ready", "backend load", "kv cache", "upstream errors", "by key", "redis", "usage not yet stored",
+                  "data lost"):
         assert topic in titles, f"no panel about {topic!r}"
 
 

@@ -38,8 +38,8 @@ def test_alert_unit_tests_cover_firing_and_quiet_cases() -> None:
         for case in test["alert_rule_test"]:
             (fired if case.get("exp_alerts") else quiet).add(case["alertname"])
     assert {"GatewayBackendDown", "GatewayBackendCrashLoop", "GatewayHighErrorRatio", "GatewayQueueSaturated",
-            "GatewayRedisDown", "GatewayUsageNotStored"} <= fired
-    assert {"GatewayBackendDown", "GatewayQueueSaturated", "GatewayUsageNotStored"} <= quiet
+            "GatewayRedisDown", "GatewayUsageNotStored", "GatewayStoreLostData"} <= fired
+    assert {"GatewayBackendDown", "GatewayQueueSaturated", "GatewayUsageNotStored", "GatewayStoreLostData"} <= quiet
     alerts = {r["alert"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
     assert alerts <= fired, f"alerts without a test that fires them: {alerts - fired}"
 

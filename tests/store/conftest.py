@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -48,3 +49,14 @@ def make_key(key_id: str = "key_1", **changes: object) -> ApiKey:
                   created_at=now, updated_at=now, models=["m"], rpm=10, metadata={"team": "a"})
     fields.update(changes)
     return ApiKey(**fields)  # type: ignore[arg-type]
+
+
+async def overwrite_record(store: Store, key_id: str, raw: str) -> None:
+    """Puts `raw` where the store keeps that key's record, as another gateway version (or a hand
+    in redis-cli or sqlite3) would."""
+    if isinstance(store, RedisStore):
+        await store.redis.set(store.ks.key(key_id), raw)
+    else:
+        assert isinstance(store, SQLiteStore)
+        with sqlite3.connect(store.path) as db:
+            assert db.execute("UPDATE keys SET record = ? WHERE id = ?", (raw, key_id)).rowcount == 1

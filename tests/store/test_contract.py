@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import logging
 import time
 
 import pytest
 
 from gateway.store.base import ApiKey, Store, UsageBatch, UsageDelta, UsageKey, hour_of, new_batch_id
 from gateway.store.sqlite import SQLiteStore
-from tests.store.conftest import OpenStore, make_key
+from tests.store.conftest import OpenStore, make_key, overwrite_record
 
 
 def batch(deltas: dict[UsageKey, UsageDelta], last_used: dict[str, float] | None = None) -> UsageBatch:
@@ -138,3 +140,33 @@ async def test_everything_survives_a_reopen(store: Store, open_store: OpenStore)
     assert await fresh.get_key(key.id) == key
     assert dict(await fresh.usage(hour, hour + 3600))[(hour, key.id, "m")] == UsageDelta(3, 30, 15, 1)
     assert (await fresh.last_used())[key.id] == 123.0
+
+
+async def test_a_newer_gateway_s_fields_survive_an_older_one_s_change(store: Store, open_store: OpenStore) -> None:
+    # During a rolling upgrade (or after a rollback) a newer replica writes fields this version
+    # does not know: this one still reads the key, and its changes keep them.
+    key = make_key()
+    await store.create_key(key)
+    newer = {**key.to_record(), "allowed_ips": ["10.0.0.0/8"], "extra": {"x": 1}}
+    await overwrite_record(store, key.id, json.dumps(newer))
+    assert [k.id for k in await store.all_keys()] == [key.id]  # a new replica starts
+    assert await store.get_key(key.id) is not None
+    revoked = await store.modify_key(key.id, lambda k: k.updated(revoked_at=time.time()))
+    assert revoked is not None and revoked.revoked_at is not None
+    again = await (await open_store()).get_key(key.id)
+    assert again == revoked
+    assert again.to_record()["allowed_ips"] == ["10.0.0.0/8"] and again.to_record()["extra"] == {"x": 1}
+
+
+async def test_an_unreadable_record_is_left_out_of_every_key_with_an_error_naming_it(
+        store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    for i in range(1, 4):
+        await store.create_key(make_key(f"key_{i}", created_at=float(i)))
+    await overwrite_record(store, "key_1", "{not json")
+    await overwrite_record(store, "key_3", json.dumps({**make_key("key_3").to_record(), "rpm": "ten"}))
+    with caplog.at_level(logging.ERROR, logger="gateway"):
+        assert [k.id for k in await store.all_keys()] == ["key_2"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2
+    assert "key_1" in errors[0] and "not JSON" in errors[0]
+    assert "key_3" in errors[1] and "$.rpm" in errors[1]
