@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from litestar import Request, Response, get, post
+from litestar.params import FromPath
 from litestar.response import Stream
 
 from gateway.auth import require_admin
@@ -79,12 +80,12 @@ async def list_backends(request: Request[Any, Any, Any]) -> Response[Any]:
 
 
 @get("/admin/backends/{name:str}")
-async def show_backend(request: Request[Any, Any, Any], name: str) -> Response[Any]:
+async def show_backend(request: Request[Any, Any, Any], name: FromPath[str]) -> Response[Any]:
     return _json(_backend(_supervisor(request), name).describe())
 
 
 @get("/admin/backends/{name:str}/logs")
-async def backend_logs(request: Request[Any, Any, Any], name: str) -> Response[Any]:
+async def backend_logs(request: Request[Any, Any, Any], name: FromPath[str]) -> Response[Any]:
     backend = _backend(_supervisor(request), name)
     q = request.query_params
     keep = backend.log.lines.maxlen or 0
@@ -151,17 +152,17 @@ async def _operate(request: Request[Any, Any, Any], name: str, action: str) -> R
 
 
 @post("/admin/backends/{name:str}/start", status_code=200)
-async def start_backend(request: Request[Any, Any, Any], name: str) -> Response[Any]:
+async def start_backend(request: Request[Any, Any, Any], name: FromPath[str]) -> Response[Any]:
     return await _operate(request, name, "start")
 
 
 @post("/admin/backends/{name:str}/stop", status_code=200)
-async def stop_backend(request: Request[Any, Any, Any], name: str) -> Response[Any]:
+async def stop_backend(request: Request[Any, Any, Any], name: FromPath[str]) -> Response[Any]:
     return await _operate(request, name, "stop")
 
 
 @post("/admin/backends/{name:str}/restart", status_code=200)
-async def restart_backend(request: Request[Any, Any, Any], name: str) -> Response[Any]:
+async def restart_backend(request: Request[Any, Any, Any], name: FromPath[str]) -> Response[Any]:
     return await _operate(request, name, "restart")
 
 

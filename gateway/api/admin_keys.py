@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from litestar import Request, Response, delete, get, patch, post
+from litestar.params import FromPath
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from gateway import keys
@@ -225,7 +226,7 @@ async def list_keys(request: Request[Any, Any, Any]) -> Response[Any]:
 
 @get("/admin/keys/{key_id:str}")
 @_store_outage_is_503
-async def show_key(request: Request[Any, Any, Any], key_id: str) -> Response[Any]:
+async def show_key(request: Request[Any, Any, Any], key_id: FromPath[str]) -> Response[Any]:
     gateway = _gateway(request)
     key = await keys.fetch(gateway.store, key_id)
     return _json(keys.public(key, (await gateway.store.last_used()).get(key_id)))
@@ -233,7 +234,7 @@ async def show_key(request: Request[Any, Any, Any], key_id: str) -> Response[Any
 
 @patch("/admin/keys/{key_id:str}")
 @_store_outage_is_503
-async def update_key(request: Request[Any, Any, Any], key_id: str) -> Response[Any]:
+async def update_key(request: Request[Any, Any, Any], key_id: FromPath[str]) -> Response[Any]:
     gateway = _gateway(request)
     fields = _fields(decode_as(await request.body(), KeyUpdate))
     key = await keys.update(gateway.store, key_id, fields)
@@ -243,7 +244,7 @@ async def update_key(request: Request[Any, Any, Any], key_id: str) -> Response[A
 
 @delete("/admin/keys/{key_id:str}", status_code=200)
 @_store_outage_is_503
-async def revoke_key(request: Request[Any, Any, Any], key_id: str) -> Response[Any]:
+async def revoke_key(request: Request[Any, Any, Any], key_id: FromPath[str]) -> Response[Any]:
     gateway = _gateway(request)
     key = await keys.revoke(gateway.store, key_id)
     gateway.keys.apply(key)  # refused from this answer on
@@ -252,7 +253,7 @@ async def revoke_key(request: Request[Any, Any, Any], key_id: str) -> Response[A
 
 @post("/admin/keys/{key_id:str}/rotate")
 @_store_outage_is_503
-async def rotate_key(request: Request[Any, Any, Any], key_id: str) -> Response[Any]:
+async def rotate_key(request: Request[Any, Any, Any], key_id: FromPath[str]) -> Response[Any]:
     gateway = _gateway(request)
     body = decode_as(await request.body(), KeyRotate)
     key, secret = await keys.rotate(gateway.store, key_id, _seconds(body.grace_period, "grace_period"))

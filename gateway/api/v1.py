@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from litestar import Request, Response, asgi, get
+from litestar.params import FromPath
 from litestar.types import Message, Receive, Scope, Send
 
 from adapters.shapes import token_count
@@ -554,7 +555,7 @@ async def list_models(request: Request[Any, Any, Any]) -> Response[Any]:
 
 
 @get("/v1/models/{model:path}")
-async def get_model(request: Request[Any, Any, Any], model: str) -> Response[Any]:
+async def get_model(request: Request[Any, Any, Any], model: FromPath[str]) -> Response[Any]:
     gateway: Gateway = request.app.state.gateway
     principal = gateway.keys.authenticate(request.headers.get("authorization"))
     model = model.lstrip("/")  # model ids may contain slashes (`org/name`)
