@@ -8,6 +8,7 @@ One session for the gateway's life; connections are kept alive per backend.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import time
@@ -78,11 +79,14 @@ class Upstream:
         try:
             try:
                 resp = await self._session.post(url, data=data, headers=headers, timeout=timeouts)
-            except aiohttp.ServerDisconnectedError:
-                # Nearly always a kept-alive connection the runtime closed just as it was taken
-                # from the pool (its close not yet seen), so the runtime never read the request:
-                # once more, on another connection, rather than fail it over that race. A runtime
-                # that really died fails the second try too, and the caller fails over as before.
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if not _dropped_connection(exc):
+                    raise
+                # Nearly always a kept-alive connection the runtime closed (or reset, as
+                # llama-server does when it closes one our next request already reached) just as it
+                # was taken from the pool, so the runtime never answered the request: once more, on
+                # another connection, rather than fail it over that race. A runtime that really
+                # died fails the second try too, and the caller fails over as before.
                 resp = await self._session.post(url, data=data, headers=headers, timeout=timeouts)
         except asyncio.TimeoutError:
             metrics.upstream_errors.labels(backend, "timeout").inc()
@@ -247,16 +251,27 @@ def _stream_error(failure: Exception, backend: str) -> GatewayError:
     return BackendUnavailable(f"The backend failed mid-stream ({_failure(failure)}).")
 
 
+def _dropped_connection(exc: BaseException) -> bool:
+    """The connection went away under the request, closed or reset; not one that could not be
+    made (ClientConnectorError is a ClientOSError too: nobody listens, and a retry cannot help)."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return True
+    return isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError) and (
+        isinstance(exc, ConnectionResetError) or exc.errno in (errno.ECONNRESET, errno.EPIPE))
+
+
 def _failure(exc: BaseException) -> str:
     """What went wrong with the connection, in words a client can act on (the request's log line
     carries it too); the exception itself, with aiohttp's class and addresses, only at debug."""
     if isinstance(exc, aiohttp.ClientConnectorError):
-        errno = exc.os_error.errno  # (its strerror names the address)
-        return f"could not connect: {os.strerror(errno).lower()}" if errno else "could not connect"
+        code = exc.os_error.errno  # (its strerror names the address)
+        return f"could not connect: {os.strerror(code).lower()}" if code else "could not connect"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "it closed the connection"
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "its answer was cut off"
+    if isinstance(exc, aiohttp.ClientOSError) and exc.errno:
+        return f"connection error: {os.strerror(exc.errno).lower()}"
     return "connection error"
 
 

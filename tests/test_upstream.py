@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -24,10 +26,11 @@ REPLY = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 
          b"connection: keep-alive\r\n\r\n{\"ok\":true}")
 
 
-async def _server(close_after: int | None) -> tuple[asyncio.AbstractServer, int, list[int]]:
+async def _server(close_after: int | None, reset: bool = False) -> tuple[asyncio.AbstractServer, int, list[int]]:
     """Answers each request on a connection; with `close_after`, a connection that has answered
     that many closes when the next request arrives, without a reply (as a runtime whose idle
-    timeout fired while the request was on its way)."""
+    timeout fired while the request was on its way); with `reset`, it resets the connection
+    instead (a close with the request unread in its buffer: the client reads ECONNRESET)."""
     connections: list[int] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -40,6 +43,11 @@ async def _server(close_after: int | None) -> tuple[asyncio.AbstractServer, int,
                                if line.lower().startswith(b"content-length:")), 0)
                 await reader.readexactly(length)
                 if close_after is not None and connections[me] >= close_after:
+                    if reset:
+                        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                                   struct.pack("ii", 1, 0))
+                        writer.transport.abort()
+                        return
                     break
                 connections[me] += 1
                 writer.write(REPLY)
@@ -58,8 +66,9 @@ async def _call(upstream: Upstream, port: int) -> bytes:
     return await upstream.read(resp, "b")
 
 
-async def test_a_pooled_connection_closed_under_a_request_is_retried_on_another() -> None:
-    server, port, connections = await _server(close_after=1)
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+async def test_a_pooled_connection_closed_under_a_request_is_retried_on_another(reset: bool) -> None:
+    server, port, connections = await _server(close_after=1, reset=reset)
     upstream = Upstream(connect_timeout=2, request_timeout=5)
     await upstream.open()
     try:
@@ -83,6 +92,21 @@ async def test_a_server_that_keeps_dropping_requests_is_unavailable() -> None:
         assert len(connections) == 2  # one retry, not more
         assert caught.value.message == "The backend for this model is unreachable (it closed the connection)."
         assert caught.value.headers["retry-after"] == "1"
+    finally:
+        await upstream.close()
+        server.close()
+
+
+async def test_a_server_that_keeps_resetting_requests_is_unavailable_after_one_retry() -> None:
+    server, port, connections = await _server(close_after=0, reset=True)
+    upstream = Upstream(connect_timeout=2, request_timeout=5)
+    await upstream.open()
+    try:
+        with pytest.raises(BackendUnavailable) as caught:
+            await _call(upstream, port)
+        assert len(connections) == 2  # one retry, not more
+        assert caught.value.message == ("The backend for this model is unreachable "
+                                        "(connection error: connection reset by peer).")
     finally:
         await upstream.close()
         server.close()
