@@ -19,7 +19,7 @@ from gateway import metrics
 from gateway.admission import open_admission
 from gateway.api import admin, admin_backends, admin_keys, health, v1
 from gateway.auth import KeyCache
-from gateway.config import Config, ConfigError, load
+from gateway.config import Config, ConfigError, RoutingConfig, load
 from gateway.cors import cors_config, with_cors
 from gateway.errors import (
     BodyTooLarge,
@@ -76,17 +76,27 @@ class Gateway:
         self.admission = open_admission(config, self.redis)
         self.supervisor = Supervisor(config)
         self.models = ModelTable(self.supervisor.backends.values(), config.models.aliases)
-        routing = config.routing
-        self.cooldowns = Cooldowns(routing.cooldown_failures, routing.cooldown_window, routing.cooldown)
-        self.supervisor.on_ready.append(self.cooldowns.reset)
-        self.loads = LoadWatch(self.supervisor.backends.values(), routing.load_interval)
-        # Matched against raw ASGI header names, which arrive lower-cased.
-        self.affinity_header = routing.affinity_header.lower().encode() if routing.affinity_header else None
+        self.loads = LoadWatch(self.supervisor.backends.values(), config.routing.load_interval)
+        self.cooldowns: Cooldowns | None = None
+        self.affinity_header: bytes | None = None
+        self._apply_routing(config.routing)
         for backend in config.backends:
             metrics.backend_slots.labels(backend.name).set(backend.slots)
         self.upstream = Upstream(connect_timeout=config.server.connect_timeout,
                                  request_timeout=config.server.request_timeout)
         self.sends = SendWatch(config.server.send_timeout)
+
+    def _apply_routing(self, routing: RoutingConfig) -> None:
+        """At start, and on a reload that changed `routing` (max_attempts is read per request).
+        The cooldowns start afresh: failures counted under the old thresholds mean nothing under
+        new ones."""
+        if self.cooldowns is not None:
+            self.supervisor.on_ready.remove(self.cooldowns.reset)
+        self.cooldowns = Cooldowns(routing.cooldown_failures, routing.cooldown_window, routing.cooldown)
+        self.supervisor.on_ready.append(self.cooldowns.reset)
+        self.loads.interval = routing.load_interval
+        # Matched against raw ASGI header names, which arrive lower-cased.
+        self.affinity_header = routing.affinity_header.lower().encode() if routing.affinity_header else None
 
     @asynccontextmanager
     async def lifespan(self, app: Litestar) -> AsyncIterator[None]:
@@ -175,6 +185,8 @@ class Gateway:
             if fixed:
                 raise ReloadRefused(f"Changed sections need a restart: {', '.join(sorted(set(fixed)))}; nothing changed.")
             summary = await self.supervisor.apply(new)
+            if new.routing != old.routing:
+                self._apply_routing(new.routing)
             self._file_config = new
             self.config = new.model_copy(update={"server": self.config.server})
             self.models = ModelTable(self.supervisor.backends.values(), new.models.aliases)

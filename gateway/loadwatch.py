@@ -22,7 +22,7 @@ log = logging.getLogger("gateway.loadwatch")
 class LoadWatch:
     def __init__(self, backends: Iterable[Any], interval: float) -> None:
         self._backends = list(backends)
-        self._interval = interval
+        self.interval = interval
         self.loads: dict[str, Load] = {}
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -52,7 +52,7 @@ class LoadWatch:
                 if isinstance(result, Exception):  # a bug in reading one report must not end the watch
                     self.loads.pop(backend.name, None)
                     log.error("load report from %s could not be read", backend.name, exc_info=result)
-            await asyncio.sleep(self._interval)
+            await asyncio.sleep(self.interval)
 
     async def _sample(self, backend: Any) -> None:
         assert self._session is not None
@@ -61,7 +61,7 @@ class LoadWatch:
             return
         try:
             async with self._session.get(backend.url + backend.adapter.load_path,
-                                         timeout=aiohttp.ClientTimeout(total=self._interval)) as resp:
+                                         timeout=aiohttp.ClientTimeout(total=self.interval)) as resp:
                 load = backend.adapter.load(resp.status, await read_probe(resp))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
             log.debug("load report from %s failed: %s", backend.name, exc)
