@@ -11,6 +11,8 @@ rules, checked by one contract suite (tests/admission/):
   - per key: `rpm` requests and `tpm` tokens in any 60-second window (a sliding log, so a fresh
     key may spend its whole minute at once but never more in any window), `max_concurrency`;
   - per backend: never more requests at once than its `slots`;
+  - which backend: the router's pick (the first candidate) whenever it has a free slot, else
+    the free one least loaded against its `slots * weight`, ties in the router's order;
   - the queue: at most `max_depth` waiting, `max_per_key` of them for one key, each for at most
     its `max_wait`; across keys
     start-time fair queuing weighted by token cost (a key with a backlog cannot starve a key
@@ -37,10 +39,11 @@ class Limits:
 
 @dataclass(frozen=True)
 class Slot:
-    """A backend the request may run on, with its capacity."""
+    """A backend the request may run on, with its capacity and its routing weight."""
 
     backend: str
     slots: int
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class Ticket:
     key_id: str
     limits: Limits
     model: str
-    backends: Sequence[Slot]  # the candidates, preferred first
+    backends: Sequence[Slot]  # the candidates in the router's order: the first is its pick
     cost: int  # estimated tokens: prompt plus the completion budget
     max_wait: float  # seconds this request may wait in the queue
 
@@ -109,7 +112,8 @@ class Lease:
         """Replace the estimate with the real total tokens."""
 
     async def move(self, backends: Sequence[Slot]) -> str:
-        """Failover: free this slot and take a free one among `backends`, or raise."""
+        """Failover: free this slot and take a free one among `backends` (chosen as a ticket's
+        are: the first when free), or raise."""
         raise NotImplementedError
 
     async def release(self, tokens: int | None = None) -> None:  # noqa: B027

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
+import math
 import time
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Sequence
@@ -253,11 +254,19 @@ class MemoryAdmission(Admission):
         return None
 
     def _free_slot(self, backends: Sequence[Slot]) -> str | None:
-        best, best_load = None, 1.0
-        for slot in backends:
+        """The router's pick (the first) when it has a free slot: its order carries the session's
+        affinity and the weights. Else the free backend least loaded against `slots * weight`,
+        ties in the router's order. (free_slot in lib.lua is the same rule.)"""
+        best, best_load = None, math.inf
+        for i, slot in enumerate(backends):
             # A replica in `local` fallback keeps to its share of each backend too.
             capacity = slot.slots if self._share >= 1.0 else max(1, int(slot.slots * self._share))
-            load = self._used[slot.backend] / capacity
+            used = self._used[slot.backend]
+            if used >= capacity:
+                continue
+            if i == 0:
+                return slot.backend
+            load = used / (capacity * slot.weight)
             if load < best_load:
                 best, best_load = slot.backend, load
         return best

@@ -763,7 +763,8 @@ def _release_arg(lease: str, key: str, backend: str, tokens: int | None = None) 
 
 
 def _backend_args(backends: Sequence[Slot]) -> list[Any]:
-    return [part for slot in backends for part in (slot.backend, slot.slots)]
+    """backend, slots, weight per candidate, in the router's order (read_ticket in lib.lua)."""
+    return [part for slot in backends for part in (slot.backend, slot.slots, float(slot.weight))]
 
 
 def _text(value: Any) -> str:

@@ -62,10 +62,16 @@ async def make_admission(request: pytest.FixtureRequest) -> AsyncIterator[MakeAd
     await admissions.close()
 
 
-def ticket(key: str = "k1", *, backends: tuple[tuple[str, int], ...] = (("b1", 4),), cost: int = 10,
+def ticket(key: str = "k1", *, backends: tuple[tuple[Any, ...], ...] = (("b1", 4),), cost: int = 10,
            max_wait: float = 5.0, **limits: int) -> Ticket:
-    return Ticket(key_id=key, limits=Limits(**limits), model="m", backends=[Slot(b, n) for b, n in backends],
+    """`backends`: (name, slots) or (name, slots, weight), in the router's order."""
+    return Ticket(key_id=key, limits=Limits(**limits), model="m", backends=[Slot(*b) for b in backends],
                   cost=cost, max_wait=max_wait)
+
+
+async def occupy(admission: Admission, backend: str, n: int) -> list[Lease]:
+    """n leases held on `backend` alone (another key's), to load it."""
+    return [await admission.acquire(ticket("filler", backends=((backend, 8),))) for _ in range(n)]
 
 
 async def test_grants_at_once_when_free_and_release_frees(make_admission: MakeAdmission) -> None:
@@ -86,6 +92,69 @@ async def test_least_loaded_backend_is_chosen(make_admission: MakeAdmission) -> 
     assert sorted(lease.backend for lease in leases) == ["big"] * 4 + ["small"]
     for lease in leases:
         await lease.release()
+
+
+async def test_the_routers_pick_is_granted_whenever_it_has_a_free_slot(make_admission: MakeAdmission) -> None:
+    # The router put `b` first (a session's affinity, or its weights): `b` gets the request while
+    # it has room, though `a` is idler; admission does not re-pick by its own counts.
+    admission = await make_admission()
+    held = await occupy(admission, "b", 2)
+    leases = [await admission.acquire(ticket(backends=(("b", 4, 3.0), ("a", 4, 1.0)))) for _ in range(3)]
+    assert [lease.backend for lease in leases] == ["b", "b", "a"]  # b's 4 slots: 2 held, then 2 more
+    for lease in held + leases:
+        await lease.release()
+    # one request at a time: each finds the pick free
+    for _ in range(5):
+        lease = await admission.acquire(ticket(backends=(("b", 4), ("a", 4))))
+        assert lease.backend == "b"
+        await lease.release()
+
+
+async def test_weights_decide_among_the_free_when_the_pick_is_full(make_admission: MakeAdmission) -> None:
+    admission = await make_admission()
+    held = [*await occupy(admission, "pick", 1), *await occupy(admission, "light", 1),
+            *await occupy(admission, "heavy", 2)]
+    # light: 1 of 4 slots at weight 1 (1/4); heavy: 2 of 4 slots at weight 3 (2/12): heavy
+    lease = await admission.acquire(ticket(backends=(("pick", 1), ("light", 4, 1.0), ("heavy", 4, 3.0))))
+    assert lease.backend == "heavy"
+    for held_lease in held + [lease]:
+        await held_lease.release()
+
+
+async def test_equal_loads_go_in_the_routers_order(make_admission: MakeAdmission) -> None:
+    admission = await make_admission()
+    held = await occupy(admission, "pick", 1) + await occupy(admission, "x", 1) + await occupy(admission, "y", 1)
+    # x: 1 of 2 slots at weight 2, y: 1 of 4 at weight 1: 1/4 each, so the router's order decides
+    leases = [await admission.acquire(ticket(backends=(("pick", 1), ("x", 2, 2.0), ("y", 4, 1.0)))),
+              await admission.acquire(ticket(backends=(("pick", 1), ("y", 4, 1.0), ("x", 2, 2.0))))]
+    assert [lease.backend for lease in leases] == ["x", "y"]
+    for lease in held + leases:
+        await lease.release()
+
+
+async def test_a_queued_request_gets_the_routers_pick_too(make_admission: MakeAdmission) -> None:
+    admission = await make_admission()
+    running = await admission.acquire(ticket(backends=(("z", 1),), max_concurrency=1))
+    held = await occupy(admission, "pick", 3)
+    # held back by its key's concurrency, while both backends have room
+    waiting = asyncio.create_task(admission.acquire(ticket(backends=(("pick", 4), ("idle", 4)), max_concurrency=1)))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    await running.release()
+    lease = await asyncio.wait_for(waiting, 2)
+    assert lease.backend == "pick"  # its last free slot, though `idle` has all of its own
+    for other in held + [lease]:
+        await other.release()
+
+
+async def test_move_prefers_the_first_of_its_candidates(make_admission: MakeAdmission) -> None:
+    admission = await make_admission()
+    lease = await admission.acquire(ticket(backends=(("failing", 1),)))
+    held = await occupy(admission, "next", 1)
+    # `next` comes first in the router's order and has room: the failover takes it, not idle `spare`
+    assert await lease.move([Slot("failing", 1), Slot("next", 4), Slot("spare", 4)]) == "next"
+    for other in held + [lease]:
+        await other.release()
 
 
 async def test_slots_are_never_exceeded(make_admission: MakeAdmission) -> None:

@@ -3,8 +3,8 @@
 -- receive durations only. ARGV[1..3] of every script: window (ms), lease TTL (ms), caller's replica.
 --
 -- A ticket (t) is what a request asks for: t.k key, t.c token cost, t.r rpm, t.t tpm,
--- t.m max concurrency (nil: no limit), t.b {{backend, slots}, ...} preferred first, t.o replica,
--- t.s "backend=slots,..." (its backends as one string).
+-- t.m max concurrency (nil: no limit), t.b {{backend, slots, weight}, ...} in the router's order
+-- (the first is its pick), t.o replica, t.s "backend=slots,..." (its backends as one string).
 
 local WINDOW = tonumber(ARGV[1])
 local TTL = tonumber(ARGV[2])
@@ -35,13 +35,13 @@ local function fields(s)
   end
 end
 
--- cost, rpm, tpm, concurrency at args[at..at+3], then backend/slots pairs to the end
+-- cost, rpm, tpm, concurrency at args[at..at+3], then backend/slots/weight triples to the end
 local function read_ticket(key, args, at)
   local t = {k = key, c = tonumber(args[at]), r = opt(args[at + 1]), t = opt(args[at + 2]),
              m = opt(args[at + 3]), o = ME, b = {}}
   local sig = {}
-  for i = at + 4, #args, 2 do
-    t.b[#t.b + 1] = {args[i], tonumber(args[i + 1])}
+  for i = at + 4, #args, 3 do
+    t.b[#t.b + 1] = {args[i], tonumber(args[i + 1]), tonumber(args[i + 2])}
     sig[#sig + 1] = args[i] .. '=' .. args[i + 1]
   end
   t.s = table.concat(sig, ',')
@@ -123,14 +123,19 @@ local function drop(zset, lease)
   return redis.call('ZREM', zset, lease)
 end
 
--- the least loaded backend with a free slot (ties: the first, the router's preference)
-local function free_slot(backends, skip)
-  local best, best_load = nil, 1
+-- The router's pick (the first) when it has a free slot: its order carries the session's
+-- affinity and the weights. Else the free backend least loaded against slots * weight, ties in
+-- the router's order. (_free_slot in memory.py is the same rule; a weight missing, from a ticket
+-- stored by an older replica, counts as 1.)
+local function free_slot(backends)
+  local best, best_load = nil, math.huge
   for i = 1, #backends do
-    local name = backends[i][1]
-    if name ~= skip then
-      local load = live(K.slots(name)) / backends[i][2]
-      if load < best_load then best, best_load = name, load end
+    local b = backends[i]
+    local used = live(K.slots(b[1]))
+    if used < b[2] then
+      if i == 1 then return b[1] end
+      local load = used / (b[2] * (b[3] or 1))
+      if load < best_load then best, best_load = b[1], load end
     end
   end
   return best

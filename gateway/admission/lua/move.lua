@@ -1,12 +1,14 @@
--- move: failover. Take the least loaded free slot among the candidates (never the current
--- backend) and give the current one back. With none free, wait for one ahead of every queued
+-- move: failover. Take a free slot among the candidates (never the current backend; chosen as
+-- a ticket's are, see free_slot: the first when free) and give the current one back. With none free, wait for one ahead of every queued
 -- request (it was admitted already), keeping the current slot meanwhile: dispatch moves it and
 -- tells its replica ('m'). `stop` ends such a wait: answers where the lease is now.
--- ARGV[4..]: lease, key, current backend, mode (move|stop), then backend/slots pairs
+-- ARGV[4..]: lease, key, current backend, mode (move|stop), then backend/slots/weight triples
 local lease, key, current, mode = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local backends = {}
-for i = 8, #ARGV, 2 do
-  if ARGV[i] ~= current then backends[#backends + 1] = {ARGV[i], tonumber(ARGV[i + 1])} end
+for i = 8, #ARGV, 3 do
+  if ARGV[i] ~= current then
+    backends[#backends + 1] = {ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])}
+  end
 end
 if mode == 'stop' then
   if redis.call('ZREM', K.movers, lease) == 1 then
