@@ -95,6 +95,10 @@ class ServerConfig(_Section):
     request_timeout: Seconds = 600.0
     # Bound on connecting to a backend; a refused or silent backend fails over quickly.
     connect_timeout: Seconds = 5.0
+    # Bound on a streamed answer's silence: a backend that sends nothing this long (before its
+    # first chunk or between two) is cut, failed over if the client has nothing yet. Long enough
+    # for a big prompt's prefill on CPU. A non-streamed answer is bounded by request_timeout only.
+    stream_idle_timeout: Seconds = 300.0
     # Bound on a client that stops reading a stream: a write waiting this long (up to 2 s more:
     # it is looked at once a second) ends the request and frees its slot (nginx's send_timeout).
     send_timeout: Seconds = Field(default=60.0, ge=1.0)
@@ -184,6 +188,7 @@ class MetricsConfig(_Section):
 class ModelOverride(_Section):
     max_body: Bytes | None = None
     request_timeout: Seconds | None = None
+    stream_idle_timeout: Seconds | None = None
     # Sampling parameters injected when the client gives none (e.g. temperature: 0.7).
     defaults: dict[str, Any] = {}
 

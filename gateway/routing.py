@@ -2,14 +2,17 @@
 clock come in as arguments, so every rule here is tested without processes.
 
 Best first means: ready and not cooling down; then least loaded, where load is the gateway's own
-in-flight count plus what the runtime says is waiting, against `slots * weight`. A request that
-carries the affinity header goes first to the backend the header hashes to (rendezvous hashing,
-so one conversation keeps one backend's prompt cache while the group does not change).
+in-flight count plus what the runtime says is waiting, against `slots * weight` (equal loads, as
+when idle: the larger `slots * weight` first). A request that carries the affinity header goes
+first to the backend the header hashes to (weighted rendezvous hashing: a backend's share of the
+sessions is its weight's share, and one conversation keeps one backend's prompt cache while the
+group does not change). Admission grants this first backend whenever it has a free slot.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -82,6 +85,14 @@ class Cooldowns:
             self._until[backend] = now + self._cooldown
             recent.clear()
 
+    def rest(self, backend: str, seconds: float) -> None:
+        """A backend that said when to come back (a 429's retry-after) sits out that long, at most
+        `cooldown`: an attached server's wait of an hour must not take a replica out for an hour
+        (while it is out of the choice, its peers take the traffic; after, one request asks again)."""
+        until = self._clock() + min(seconds, self._cooldown)
+        if until > self._until.get(backend, until - 1):
+            self._until[backend] = until
+
     def succeeded(self, backend: str) -> None:
         self._recent.pop(backend, None)
 
@@ -119,7 +130,7 @@ def choose(route: Route, *, cooldowns: Cooldowns | None = None, loads: Mapping[s
         waiting = reported.waiting or 0.0 if reported else 0.0
         return (backend.inflight + waiting) / (backend.config.slots * backend.config.weight)
 
-    ordered = sorted(ready, key=load)
+    ordered = sorted(ready, key=lambda b: (load(b), -b.config.slots * b.config.weight))
     if affinity:
         sticky = max(ready, key=lambda b: _rendezvous(affinity, b.name, b.config.weight))
         ordered.remove(sticky)
@@ -128,8 +139,13 @@ def choose(route: Route, *, cooldowns: Cooldowns | None = None, loads: Mapping[s
 
 
 def _rendezvous(key: str, backend: str, weight: float) -> float:
+    """Weighted rendezvous score, -weight / ln(u) with u the hash in (0, 1): the highest score wins,
+    and a backend wins weight / (sum of weights) of the keys. (weight * hash would give the
+    heavier backends more than their share: 5/6 rather than 3/4 for weights 1 and 3.)"""
     digest = hashlib.blake2b(f"{key}\0{backend}".encode(), digest_size=8).digest()
-    return weight * int.from_bytes(digest, "big")
+    # 52 bits: (n + 0.5) / 2**52 is exact in a double, strictly between 0 and 1
+    u = ((int.from_bytes(digest, "big") >> 12) + 0.5) / 2**52
+    return -weight / math.log(u)
 
 
 def _why_unavailable(model: str, backends: Sequence[Routable]) -> str:

@@ -64,9 +64,14 @@ class Upstream:
         return url
 
     async def send(self, base_url: str, adapter: Adapter, request: UpstreamRequest, *, backend: str,
-                   headers: dict[str, str], timeout: float | None = None) -> aiohttp.ClientResponse:
+                   headers: dict[str, str], timeout: float | None = None,
+                   idle: float | None = None) -> aiohttp.ClientResponse:
         """POST the request; a response with an error status is raised as the OpenAI error, with the
         headers the client needs to know when to come back (`_passed_on`).
+
+        `timeout` bounds the whole exchange (the request's time left); `idle`, for a stream only,
+        any silence of the backend's, before its headers or between its reads: a non-streamed
+        reply legitimately sends nothing until it is done.
 
         Raises BackendUnavailable when nothing was sent (refused, reset before the answer), so
         the caller may try another backend.
@@ -74,8 +79,9 @@ class Upstream:
         assert self._session is not None
         url, data = self._url(base_url, request.path), encode(request.body)
         headers = {"content-type": "application/json", **headers}
-        timeouts = self._timeout if timeout is None else aiohttp.ClientTimeout(
-            total=timeout, sock_connect=self._timeout.sock_connect)
+        timeouts = self._timeout if timeout is None and idle is None else aiohttp.ClientTimeout(
+            total=self._timeout.total if timeout is None else timeout, sock_connect=self._timeout.sock_connect,
+            sock_read=idle)
         try:
             try:
                 resp = await self._session.post(url, data=data, headers=headers, timeout=timeouts)
@@ -88,8 +94,10 @@ class Upstream:
                 # another connection, rather than fail it over that race. A runtime that really
                 # died fails the second try too, and the caller fails over as before.
                 resp = await self._session.post(url, data=data, headers=headers, timeout=timeouts)
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError as exc:
             metrics.upstream_errors.labels(backend, "timeout").inc()
+            if isinstance(exc, aiohttp.SocketTimeoutError):
+                raise UpstreamTimeout(silent(idle)) from None
             raise UpstreamTimeout("The backend for this model did not answer in time.") from None
         except (aiohttp.ClientError, OSError) as exc:
             metrics.upstream_errors.labels(backend, "connect").inc()
@@ -121,6 +129,11 @@ class Upstream:
             raise BackendUnavailable(f"The backend failed while answering ({_failure(exc)}).") from None
         finally:
             resp.release()
+
+
+def silent(idle: float | None) -> str:
+    """What the client hears of a backend that went quiet for `idle` seconds (a stall, a hang)."""
+    return f"The backend sent nothing for {idle:g}s." if idle else "The backend stopped sending."
 
 
 # A runtime's health, load or model-list answer is small; one without end (a broken or hostile
@@ -173,7 +186,8 @@ class StreamOutcome:
 
 
 async def relay_stream(resp: aiohttp.ClientResponse, adapter: Adapter, endpoint: Endpoint, *, public_model: str,
-                       include_usage: bool, backend: str, outcome: StreamOutcome) -> AsyncIterator[bytes]:
+                       include_usage: bool, backend: str, outcome: StreamOutcome,
+                       idle: float | None = None) -> AsyncIterator[bytes]:
     """The runtime's stream -> OpenAI SSE for the client, one piece per read from the runtime.
 
     Whatever the socket holds is decoded at once and written as one piece: a burst of chunks
@@ -182,7 +196,8 @@ async def relay_stream(resp: aiohttp.ClientResponse, adapter: Adapter, endpoint:
     arrives (on the finish chunk, or in a `choices: []` chunk) it is taken out, and sent as one
     final chunk only if the client asked. A failure before the first chunk is raised, so the
     caller may still answer with an error status or try another backend; after it, the stream
-    ends with an error event: never retried, never a hang. A client that goes away closes this
+    ends with an error event: never retried, never a hang (`idle`: the silence send() allowed,
+    named in the error). A client that goes away closes this
     generator, which closes the upstream connection, which stops the generation.
     """
     decoder = adapter.decoder(endpoint)
@@ -217,7 +232,7 @@ async def relay_stream(resp: aiohttp.ClientResponse, adapter: Adapter, endpoint:
                     outcome.first_chunk_at = time.perf_counter()
                 outcome.chunks += len(parts) // 3
             if failure is not None:
-                error = _stream_error(failure, backend)
+                error = _stream_error(failure, backend, idle)
                 if outcome.chunks == 0:
                     raise error from None
                 outcome.error = error
@@ -240,11 +255,13 @@ async def relay_stream(resp: aiohttp.ClientResponse, adapter: Adapter, endpoint:
             resp.close()
 
 
-def _stream_error(failure: Exception, backend: str) -> GatewayError:
+def _stream_error(failure: Exception, backend: str, idle: float | None) -> GatewayError:
     kind = "timeout" if isinstance(failure, asyncio.TimeoutError) else "stream"
     metrics.upstream_errors.labels(backend, kind).inc()
     if isinstance(failure, UpstreamError):
         return failure
+    if isinstance(failure, aiohttp.SocketTimeoutError):  # send()'s `idle`, not the request's time
+        return UpstreamTimeout(silent(idle))
     if kind == "timeout":
         return UpstreamTimeout("The backend did not finish the stream in time.")
     log.debug("backend %s failed mid-stream: %r", backend, failure)

@@ -107,6 +107,16 @@ def test_units_and_interpolation() -> None:
     assert config.admin.key == "s3cret"
 
 
+def test_a_streams_silence_is_bounded_server_wide_and_per_model() -> None:
+    config = parse({"backends": [LLAMA], "models": {"overrides": {"m": {"stream_idle_timeout": "90s"}}}},
+                   base_dir=Path("/srv"), env={})
+    assert config.server.stream_idle_timeout == 300.0  # a big prompt's prefill on CPU, before the first chunk
+    assert config.models.overrides["m"].stream_idle_timeout == 90.0
+    with pytest.raises(ConfigError) as caught:
+        parse({"server": {"stream_idle_timeout": 0}, "backends": [LLAMA]}, base_dir=Path("/srv"), env={})
+    assert caught.value.problems == ["server.stream_idle_timeout: input should be greater than 0"]
+
+
 def test_default_limits_are_bounded_as_a_keys_own() -> None:
     with pytest.raises(ConfigError) as info:
         parse({"limits": {"default": {"rpm": 2**31, "tpm": 0}}, "backends": [LLAMA]}, base_dir=Path("/srv"), env={})

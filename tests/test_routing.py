@@ -91,6 +91,36 @@ def test_affinity_is_stable_and_spreads() -> None:
     assert set(spread) == {"a", "b", "c"} and min(spread.values()) > 60
 
 
+def test_affinity_shares_follow_the_weights() -> None:
+    light = FakeBackend("light", FakeConfig(["m"], weight=1.0))
+    heavy = FakeBackend("heavy", FakeConfig(["m"], weight=3.0))
+    route = ModelTable([light, heavy], {}).resolve("m")
+    sessions = 4000
+    spread = Counter(choose(route, affinity=f"session-{i}")[0].name for i in range(sessions))
+    # weight's share: 3/4 (a score of weight * hash gave 5/6); sd of the share here is about 0.007
+    assert abs(spread["heavy"] / sessions - 0.75) < 0.03, spread
+    three = backends(("a", ["w"]), ("b", ["w"]), ("c", ["w"]))
+    for backend, weight in zip(three, (1.0, 2.0, 3.0), strict=True):
+        backend.config.weight = weight
+    route = ModelTable(three, {}).resolve("w")
+    spread = Counter(choose(route, affinity=f"session-{i}")[0].name for i in range(sessions))
+    for name, share in (("a", 1 / 6), ("b", 2 / 6), ("c", 3 / 6)):
+        assert abs(spread[name] / sessions - share) < 0.03, spread
+
+
+def test_equal_loads_put_the_larger_weight_first() -> None:
+    # Idle, or equally loaded against slots * weight: the one with more capacity leads, so one
+    # request at a time goes to it rather than to the first in the config.
+    light = FakeBackend("light", FakeConfig(["m"], slots=4, weight=1.0))
+    heavy = FakeBackend("heavy", FakeConfig(["m"], slots=4, weight=3.0))
+    route = ModelTable([light, heavy], {}).resolve("m")
+    assert [b.name for b in choose(route)] == ["heavy", "light"]
+    light.inflight, heavy.inflight = 1, 3  # 1/4 == 3/12
+    assert [b.name for b in choose(route)] == ["heavy", "light"]
+    light.inflight = 0
+    assert [b.name for b in choose(route)] == ["light", "heavy"]  # load first: 0 < 3/12
+
+
 def test_cooldown_takes_a_failing_backend_out_for_a_while() -> None:
     now = [0.0]
     cooldowns = Cooldowns(failures=3, window=10, cooldown=30, clock=lambda: now[0])
@@ -126,3 +156,19 @@ def test_reset_ends_a_cooldown() -> None:
     assert cooldowns.cooling("a")
     cooldowns.reset("a")
     assert not cooldowns.cooling("a")
+
+
+def test_a_backend_sits_out_the_wait_it_asked_for_never_less_and_at_most_cooldown() -> None:
+    now = [0.0]
+    cooldowns = Cooldowns(failures=3, window=10, cooldown=30, clock=lambda: now[0])
+    cooldowns.rest("a", 20)  # its 429's retry-after: at once, not after three failures
+    cooldowns.rest("a", 5)  # a shorter wait later does not cut the first short
+    now[0] = 19.0
+    assert cooldowns.cooling("a")
+    now[0] = 20.0
+    assert not cooldowns.cooling("a")
+    cooldowns.rest("b", 3600)  # an hour asked: `cooldown` given
+    now[0] = 49.0
+    assert cooldowns.cooling("b")
+    now[0] = 50.0
+    assert not cooldowns.cooling("b")

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from adapters.base import Adapter, UpstreamRequest
-from gateway.errors import BackendUnavailable, UpstreamError
+from gateway.errors import BackendUnavailable, UpstreamError, UpstreamTimeout
 from gateway.upstream import MAX_URLS, StreamOutcome, Upstream, read_probe, relay_stream
 from tests.conftest import StartGateway
 from tests.helpers import free_port
@@ -429,3 +429,62 @@ async def test_a_probe_answer_without_end_is_read_only_up_to_its_bound() -> None
         assert len(body) == 1024 * 1024
     finally:
         server.close()
+
+
+# --- a backend that goes quiet (server.stream_idle_timeout) -------------------------------------
+
+async def _quiet_server(pieces: list[bytes] | None) -> tuple[asyncio.AbstractServer, int]:
+    """Answers one request with `pieces` as HTTP chunks, then sends nothing more, the connection
+    open (a stalled runtime); with None, not even its headers (a hung one)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        await reader.readexactly(length)
+        if pieces is not None:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            for piece in pieces:
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+        await reader.read()  # until the client gives up and closes
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def _quiet_stream(pieces: list[bytes] | None, outcome: StreamOutcome) -> list[bytes]:
+    server, port = await _quiet_server(pieces)
+    upstream = Upstream(connect_timeout=2, request_timeout=10)
+    await upstream.open()
+    try:
+        resp = await upstream.send(f"http://127.0.0.1:{port}", Adapter(), UpstreamRequest("/v1/chat/completions", {}),
+                                   backend="b", headers={}, idle=0.3)
+        return [piece async for piece in relay_stream(resp, Adapter(), "chat", public_model="alias",
+                                                      include_usage=False, backend="b", outcome=outcome, idle=0.3)]
+    finally:
+        await upstream.close()
+        server.close()
+
+
+async def test_a_stream_that_stalls_mid_way_ends_with_an_error_event_after_the_idle_bound() -> None:
+    outcome = StreamOutcome()
+    started = asyncio.get_running_loop().time()
+    out = await _quiet_stream([event(chunk("Hel")), event(chunk("lo"))], outcome)
+    assert asyncio.get_running_loop().time() - started < 3  # not the request's 10 s
+    events = b"".join(out).decode()[:-2].split("\n\n")
+    assert [json.loads(e.removeprefix("data: "))["choices"][0]["delta"]["content"] for e in events[:2]] == ["Hel", "lo"]
+    assert json.loads(events[2].removeprefix("data: "))["error"]["message"] == "The backend sent nothing for 0.3s."
+    assert events[3] == "data: [DONE]"
+    assert outcome.error is not None and outcome.error.code == "upstream_timeout" and not outcome.finished
+
+
+@pytest.mark.parametrize("pieces", [[], None], ids=["after-headers", "no-headers"])
+async def test_a_stream_silent_before_its_first_chunk_is_a_timeout_the_caller_may_fail_over(
+        pieces: list[bytes] | None) -> None:
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(UpstreamTimeout) as caught:
+        await _quiet_stream(pieces, StreamOutcome())
+    assert asyncio.get_running_loop().time() - started < 3
+    assert caught.value.message == "The backend sent nothing for 0.3s."

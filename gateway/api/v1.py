@@ -6,7 +6,8 @@
 
 Failover: a backend that fails before anything reached the client (refused, timed out, a 5xx, a
 reply cut off, a stream failing before its first chunk) hands the request to another ready
-backend of the same model, within `routing.max_attempts`; after the first byte nothing is retried.
+backend of the same model, within `routing.max_attempts` and the one `request_timeout` of all the
+attempts together; after the first byte nothing is retried, nor a reply whose headers came.
 """
 
 from __future__ import annotations
@@ -206,8 +207,7 @@ async def serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) 
             _apply_override(override, body, raw)
         lease, backends = await _admitted(gateway, exchange, principal, route, endpoint, body, raw)
         call.lease = lease
-        timeout = override.request_timeout if override is not None else None
-        await _forward(gateway, exchange, call, lease, backends, endpoint, body, timeout)
+        await _forward(gateway, exchange, call, lease, backends, endpoint, body, _timeouts(gateway, override))
     except GatewayError as exc:
         exc.headers.setdefault("x-request-id", call.request_id)
         if call.route is not None:
@@ -248,40 +248,68 @@ async def _admitted(gateway: Gateway, exchange: Exchange, principal: Principal, 
 
 
 SHUTTING_DOWN = "The gateway is shutting down; try again."
+NO_TIME_LEFT = "The backend for this model did not answer in time."
+
+
+def _timeouts(gateway: Gateway, override: ModelOverride | None) -> tuple[float, float]:
+    """The request's bounds upstream, the model's own where it has them: (all its attempts
+    together, a stream's longest silence)."""
+    server = gateway.config.server
+    total, idle = server.request_timeout, server.stream_idle_timeout
+    if override is not None:
+        total = override.request_timeout or total
+        idle = override.stream_idle_timeout or idle
+    return total, idle
 
 
 async def _forward(gateway: Gateway, exchange: Exchange, call: Call, lease: Lease, backends: Sequence[Backend],
-                   endpoint: Endpoint, body: dict[str, Any], timeout: float | None) -> None:
+                   endpoint: Endpoint, body: dict[str, Any], timeouts: tuple[float, float]) -> None:
     assert call.route is not None
     route = call.route
     by_name = {b.name: b for b in backends}
     backend = by_name[lease.backend]
     streaming = bool(body.get("stream")) and endpoint != "embeddings"
+    timeout, idle = timeouts
+    # One bound for all the attempts together: a failover gets the time left, not a new budget.
+    deadline = time.monotonic() + timeout
     tried: list[str] = []
     departure = Departure(exchange)
     relaying = False  # a stream that started: its watch goes on while it is written
     try:
         while True:
             if not backend.ready:
+                others = [b for b in backends if b is not backend and b.name not in tried and b.ready]
+                if others:
+                    # Died (a replica killed) while this request waited for admission, which
+                    # knows slots, not readiness: a ready peer takes it, as in a failover.
+                    backend = by_name[await lease.move([Slot(b.name, b.config.slots, b.config.weight) for b in others])]
+                    continue
                 # Stopped or draining (idle stop, group swap) while this request waited for
-                # admission: bring it back rather than send to a port nobody listens on. Nothing
-                # awaits between here and call.attempt(), so the request is in flight before any
-                # drain looks again.
+                # admission, and no peer is ready: bring it back rather than send to a port
+                # nobody listens on. Nothing awaits between here and call.attempt(), so the
+                # request is in flight before any drain looks again.
                 await gateway.supervisor.ensure_ready([backend], gateway.config.queue.max_wait,
                                                       model=route.public)
+            left = deadline - time.monotonic()
+            if left <= 0:  # spent waiting for a slot or a start
+                raise UpstreamTimeout(NO_TIME_LEFT)
             upstream_request = backend.adapter.request(endpoint, body, route.served)
             call.attempt(backend)
+            answering = False  # its headers came: it generates this answer now
             try:
                 resp = await gateway.upstream.send(backend.url, backend.adapter, upstream_request,
-                                                   backend=backend.name, timeout=timeout,
+                                                   backend=backend.name, timeout=left,
+                                                   idle=idle if streaming else None,
                                                    headers=_upstream_headers(backend, call.request_id))
                 if streaming:
                     outcome = StreamOutcome()
                     chunks = relay_stream(resp, backend.adapter, endpoint, public_model=route.public,
-                                          include_usage=wants_usage(body), backend=backend.name, outcome=outcome)
+                                          include_usage=wants_usage(body), backend=backend.name, outcome=outcome,
+                                          idle=idle)
                     # The first piece is read here, so a backend that fails before it is still retried.
                     first = await anext(chunks)
                 else:
+                    answering = True
                     answer = await gateway.upstream.read(resp, backend.name)
                     data = backend.adapter.response(endpoint, answer, body)
                 gateway.cooldowns.succeeded(backend.name)
@@ -290,14 +318,21 @@ async def _forward(gateway: Gateway, exchange: Exchange, call: Call, lease: Leas
             except GatewayError as exc:
                 if not _retryable(exc):
                     raise
-                # Nothing reached the client yet: another backend of the group may take it.
+                # Nothing reached the client yet: another backend of the group may take it, in
+                # the time left. Not an answer timed out on its way (its headers came): that
+                # backend was generating it, and another would only generate it again.
                 call.attempt_failed()
-                gateway.cooldowns.failed(backend.name)
+                wait = _retry_after(exc)
+                if wait is not None:  # its own capacity: it sits out what it asked, its peers go on
+                    gateway.cooldowns.rest(backend.name, wait)
+                else:
+                    gateway.cooldowns.failed(backend.name)
                 tried.append(backend.name)
                 others = [b for b in backends if b.name not in tried and b.ready]
-                if not others or len(tried) >= gateway.config.routing.max_attempts:
+                if (not others or len(tried) >= gateway.config.routing.max_attempts
+                        or time.monotonic() >= deadline or (answering and isinstance(exc, UpstreamTimeout))):
                     raise
-                backend = by_name[await lease.move([Slot(b.name, b.config.slots) for b in others])]
+                backend = by_name[await lease.move([Slot(b.name, b.config.slots, b.config.weight) for b in others])]
     except asyncio.CancelledError:
         if not departure.left:
             raise
@@ -379,10 +414,22 @@ async def _last_words(send: Send, error: GatewayError) -> None:
 
 
 def _retryable(exc: GatewayError) -> bool:
-    """Refused, timed out, or a 5xx from the runtime: worth another backend. A 4xx is the
-    request's own fault and would fail anywhere."""
+    """Refused, timed out, a 5xx or a 429 from the runtime (an attached server's own capacity):
+    worth another backend; the last one's 429 reaches the client with its retry-after. Any other
+    4xx is the request's own fault and would fail anywhere."""
     return isinstance(exc, (BackendUnavailable, UpstreamTimeout)) or (
-        isinstance(exc, UpstreamError) and exc.status >= 500)
+        isinstance(exc, UpstreamError) and (exc.status >= 500 or exc.status == 429))
+
+
+def _retry_after(exc: GatewayError) -> float | None:
+    """The seconds a runtime's 429 asked for (retry-after-ms, or retry-after in seconds; not an
+    HTTP date), else None."""
+    if not (isinstance(exc, UpstreamError) and exc.status == 429):
+        return None
+    ms, seconds = exc.headers.get("retry-after-ms", ""), exc.headers.get("retry-after", "")
+    if ms.isdigit():
+        return int(ms) / 1000
+    return float(seconds) if seconds.isdigit() else None
 
 
 def _apply_override(override: ModelOverride, body: dict[str, Any], raw: bytes) -> None:
@@ -510,7 +557,7 @@ def _ticket(gateway: Gateway, principal: Principal, route: Route, backends: Sequ
         key_id=principal.key_id,
         limits=Limits(principal.rpm, principal.tpm, principal.max_concurrency, principal.priority),
         model=route.public,
-        backends=[Slot(b.name, b.config.slots) for b in backends],
+        backends=[Slot(b.name, b.config.slots, b.config.weight) for b in backends],
         cost=cost,
         max_wait=gateway.config.queue.max_wait,
     )

@@ -4,10 +4,15 @@ costs no request that had not started streaming and rejoins, and reloads drop no
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -275,3 +280,201 @@ def test_reloads_in_quick_succession_never_run_two_copies(start_gateway: StartGa
     assert _incarnations(mark) == {f"{mark}3"}
     assert all(len(alive) <= 1 for alive in seen), [alive for alive in seen if len(alive) > 1]
     assert wait_until(lambda: gateway.admin("GET", "/admin/backends/keep").json()["state"] == "ready", 20)
+
+
+# --- replicas that misbehave: stall, hang, answer slowly, refuse ---------------------------------
+
+class _Replica(BaseHTTPRequestHandler):
+    """An attached OpenAI server serving `m`, behaving as its server's `behaviour` says: `delay`
+    (seconds before it answers), `stall` ("first": a stream's headers, then nothing; "mid": two
+    chunks, then nothing), `status` (+ `retry_after`): refuse with it."""
+
+    protocol_version = "HTTP/1.1"
+    server: _ReplicaServer
+
+    def do_GET(self) -> None:  # the health probe (/v1/models)
+        self._json(200, {"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        behaviour = self.server.behaviour
+        self.server.requests += 1
+        if self.server.gone.wait(behaviour.get("delay", 0)):
+            return
+        if "status" in behaviour:
+            self._json(behaviour["status"], {"error": {"message": "busy", "type": "rate_limit_error"}},
+                       {"retry-after": str(behaviour.get("retry_after", 1))})
+            return
+        if not body.get("stream"):
+            self._json(200, {"id": "x", "object": "chat.completion", "created": 1, "model": "m",
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": self.server.name},
+                                          "finish_reason": "stop"}],
+                             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+            return
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        for i in range(4):
+            if (behaviour.get("stall") == "first" and i == 0) or (behaviour.get("stall") == "mid" and i == 2):
+                self.server.gone.wait(60)
+                return
+            self._chunk({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                         "choices": [{"index": 0, "delta": {"content": f"{self.server.name}{i} "},
+                                      "finish_reason": "stop" if i == 3 else None}]})
+        self._chunk("[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _chunk(self, payload: Any) -> None:
+        data = b"data: " + (payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()) + b"\n\n"
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        for name, value in {"content-type": "application/json", "content-length": str(len(payload)),
+                            **(headers or {})}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class _ReplicaServer(ThreadingHTTPServer):
+    block_on_close = False
+
+    def __init__(self, name: str, behaviour: dict[str, Any]) -> None:
+        super().__init__(("127.0.0.1", 0), _Replica)
+        self.name, self.behaviour, self.requests = name, behaviour, 0
+        self.gone = threading.Event()  # set: every waiting handler returns at once
+
+    def stop(self) -> None:
+        """As a killed replica: nothing listens any more (answers on their way still finish)."""
+        self.shutdown()
+        self.server_close()
+
+
+@contextlib.contextmanager
+def replicas(**behaviours: dict[str, Any]) -> Iterator[dict[str, _ReplicaServer]]:
+    servers = {name: _ReplicaServer(name, behaviour) for name, behaviour in behaviours.items()}
+    for server in servers.values():
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield servers
+    finally:
+        for server in servers.values():
+            server.gone.set()
+            with contextlib.suppress(OSError):
+                server.stop()
+
+
+def attached(servers: dict[str, _ReplicaServer], **extra: Any) -> list[dict[str, Any]]:
+    return [{"name": name, "runtime": "openai", "url": f"http://127.0.0.1:{server.server_port}", "serves": ["m"],
+             "health_interval": "0.3s", **extra} for name, server in servers.items()]
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_a_stream_silent_before_its_first_chunk_fails_over_and_one_stalling_mid_way_is_cut(
+        start_gateway: StartGateway) -> None:
+    with replicas(hung={"stall": "first"}, fine={}, stalling={"stall": "mid"}) as servers:
+        gateway = start_gateway({"backends": attached(servers), "server": {"request_timeout": "60s"},
+                                 "models": {"overrides": {"m": {"stream_idle_timeout": "1s"}}}})
+        seen = {"failed over": False, "cut": False}
+        fine_session = None
+        with gateway.http(gateway.new_key()) as client:
+            # Sessions spread over the replicas (x-session-id affinity) until each case was seen.
+            for session in map(str, range(60)):
+                hung_before, started = servers["hung"].requests, time.monotonic()
+                r = client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers={"x-session-id": session})
+                took = time.monotonic() - started
+                assert r.status_code == 200, r.text
+                events = [line.removeprefix("data: ") for line in r.text.splitlines() if line]
+                assert events[-1] == "[DONE]"
+                if "stalling1" in r.text:  # two chunks, then 1 s of silence: cut with an error event
+                    assert json.loads(events[-2])["error"]["message"] == "The backend sent nothing for 1s."
+                    assert 1 <= took < 10, took
+                    seen["cut"] = True
+                else:
+                    assert "fine3" in r.text and "error" not in r.text, r.text
+                    if servers["hung"].requests > hung_before:  # failed over after 1 s, not 60
+                        assert 1 <= took < 10, took
+                        seen["failed over"] = True
+                    else:
+                        fine_session = session
+                if all(seen.values()) and fine_session is not None:
+                    break
+            assert all(seen.values()) and fine_session is not None, seen
+            # A non-streamed answer may take longer than the stream bound: it sends nothing until done.
+            servers["fine"].behaviour["delay"] = 1.5
+            r = client.post("/v1/chat/completions", json=CHAT, headers={"x-session-id": fine_session})
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fine", r.text
+
+
+def _session_for(backend: str, others: list[str]) -> str:
+    """An affinity value that hashes to `backend` first."""
+    from gateway.routing import _rendezvous
+
+    return next(s for s in map(str, range(1000))
+                if all(_rendezvous(s, backend, 1.0) > _rendezvous(s, o, 1.0) for o in others))
+
+
+def test_a_request_granted_a_replica_that_died_in_the_queue_goes_to_a_ready_one(
+        start_gateway: StartGateway) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with replicas(a={"delay": 1.5}, b={"delay": 3.0}) as servers:
+        gateway = start_gateway({"backends": attached(servers, slots=1, health_failures=1),
+                                 "queue": {"max_wait": "15s"}})
+        on_a, on_b = _session_for("a", ["b"]), _session_for("b", ["a"])
+        with gateway.http(gateway.new_key()) as client, ThreadPoolExecutor(3) as pool:
+            def chat(session: str) -> httpx.Response:
+                return client.post("/v1/chat/completions", json=CHAT, headers={"x-session-id": session})
+
+            first = pool.submit(chat, on_a)
+            time.sleep(0.1)
+            second = pool.submit(chat, on_b)
+            time.sleep(0.1)
+            queued = pool.submit(chat, on_a)  # both slots taken: it waits, for a's or b's
+            time.sleep(0.1)
+            servers["a"].stop()  # killed: its answer on the way still comes; nothing listens any more
+            assert wait_until(lambda: gateway.admin("GET", "/admin/backends/a").json()["state"] != "ready", 5)
+            assert first.result().status_code == 200 and second.result().status_code == 200
+            # Granted a's slot (free first) though a is dead: b, ready, answers it.
+            r = queued.result()
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == "b"
+            assert servers["a"].requests == 1
+
+
+def test_a_timeout_fails_over_within_the_requests_one_deadline_not_a_new_one(start_gateway: StartGateway) -> None:
+    with replicas(a={"delay": 4}, b={"delay": 4}) as servers:
+        gateway = start_gateway({"backends": attached(servers), "server": {"request_timeout": "1.5s"}})
+        with gateway.http(gateway.new_key()) as client:
+            started = time.monotonic()
+            r = client.post("/v1/chat/completions", json=CHAT)
+            took = time.monotonic() - started
+        assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout", r.text
+        assert took < 10, took  # (a hang bound; what tells one budget from two is the count below)
+        assert servers["a"].requests + servers["b"].requests == 1  # one generation, not one per replica
+
+
+def test_a_replica_out_of_capacity_hands_the_request_to_another_and_sits_out_its_wait(
+        start_gateway: StartGateway) -> None:
+    with replicas(busy={"status": 429, "retry_after": 120}, idle={}) as servers:
+        gateway = start_gateway({"backends": attached(servers)})
+        with gateway.http(gateway.new_key()) as client:
+            on_busy = _session_for("busy", ["idle"])
+            for _ in range(5):
+                r = client.post("/v1/chat/completions", json=CHAT, headers={"x-session-id": on_busy})
+                assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "idle", r.text
+            assert servers["busy"].requests == 1  # asked once, then left alone for its wait (at most routing.cooldown)
+            # The last candidate's 429 reaches the client, with its wait.
+            servers["idle"].behaviour.update(status=429, retry_after=7)
+            r = client.post("/v1/chat/completions", json=CHAT, headers={"x-session-id": on_busy})
+            assert (r.status_code, r.headers.get("retry-after")) == (429, "7"), r.text
