@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -26,6 +27,7 @@ from gateway.openai import DONE, Endpoint, encode, sse, usage_object
 
 log = logging.getLogger("gateway.upstream")
 MAX_URLS = 1024  # parsed backend URLs kept (gateway.upstream.Upstream._url)
+MAX_BOUNDS = 256  # timeouts kept (gateway.upstream.Upstream._bounds)
 
 
 class Upstream:
@@ -33,6 +35,7 @@ class Upstream:
         self._timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=connect_timeout)
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[tuple[str, str], yarl.URL] = {}
+        self._made: dict[tuple[int | None, float | None], aiohttp.ClientTimeout] = {}
 
     async def open(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -51,6 +54,21 @@ class Upstream:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+    def _bounds(self, total: float | None, idle: float | None) -> aiohttp.ClientTimeout:
+        """aiohttp's timeout for a request's time left (`total`) and a stream's longest silence.
+        The time left in whole seconds, rounded up (a deadline up to a second late), so that the
+        few values in use are made once, not per request (each costs ~7k instructions:
+        bench/count.py)."""
+        key = (math.ceil(total) if total is not None else None, idle)
+        bounds = self._made.get(key)
+        if bounds is None:
+            if len(self._made) >= MAX_BOUNDS:  # retries' times left; those in use come back at once
+                self._made.clear()
+            bounds = self._made[key] = aiohttp.ClientTimeout(
+                total=self._timeout.total if key[0] is None else key[0], sock_connect=self._timeout.sock_connect,
+                sock_read=idle)
+        return bounds
 
     def _url(self, base_url: str, path: str) -> yarl.URL:
         # Parsed once per backend and path rather than on every request.
@@ -79,9 +97,7 @@ class Upstream:
         assert self._session is not None
         url, data = self._url(base_url, request.path), encode(request.body)
         headers = {"content-type": "application/json", **headers}
-        timeouts = self._timeout if timeout is None and idle is None else aiohttp.ClientTimeout(
-            total=self._timeout.total if timeout is None else timeout, sock_connect=self._timeout.sock_connect,
-            sock_read=idle)
+        timeouts = self._timeout if timeout is None and idle is None else self._bounds(timeout, idle)
         try:
             try:
                 resp = await self._session.post(url, data=data, headers=headers, timeout=timeouts)
