@@ -117,8 +117,12 @@ class Upstream:
             raise UpstreamTimeout("The backend for this model did not answer in time.") from None
         except (aiohttp.ClientError, OSError) as exc:
             metrics.upstream_errors.labels(backend, "connect").inc()
-            log.debug("backend %s unreachable: %r", backend, exc)
-            raise BackendUnavailable(f"The backend for this model is unreachable ({_failure(exc)}).") from None
+            failure = _failure(exc)
+            # A kind _failure has no words for is logged as it is: the next one can then be named
+            # (make bench's llama-server phase had two such 503s, not reproduced since).
+            log.log(logging.WARNING if failure == UNNAMED else logging.DEBUG, "backend %s unreachable: %r",
+                    backend, exc)
+            raise BackendUnavailable(f"The backend for this model is unreachable ({failure}).") from None
         if resp.status >= 400:
             try:
                 body = await resp.read()
@@ -305,7 +309,10 @@ def _failure(exc: BaseException) -> str:
         return "its answer was cut off"
     if isinstance(exc, aiohttp.ClientOSError) and exc.errno:
         return f"connection error: {os.strerror(exc.errno).lower()}"
-    return "connection error"
+    return UNNAMED
+
+
+UNNAMED = "connection error"
 
 
 def _ending(outcome: StreamOutcome, last: dict[str, Any], public_model: str, include_usage: bool,
