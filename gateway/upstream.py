@@ -28,6 +28,8 @@ from gateway.openai import DONE, Endpoint, encode, sse, usage_object
 log = logging.getLogger("gateway.upstream")
 MAX_URLS = 1024  # parsed backend URLs kept (gateway.upstream.Upstream._url)
 MAX_BOUNDS = 256  # timeouts kept (gateway.upstream.Upstream._bounds)
+MAX_SENDS = 8  # tries of one request on connections found dropped (Upstream._post)
+DROPPED_AT_ONCE = 1.0  # seconds: a connection dropped later than this had the request in work
 
 
 class Upstream:
@@ -99,17 +101,7 @@ class Upstream:
         headers = {"content-type": "application/json", **headers}
         timeouts = self._timeout if timeout is None and idle is None else self._bounds(timeout, idle)
         try:
-            try:
-                resp = await self._session.post(url, data=data, headers=headers, timeout=timeouts)
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                if not _dropped_connection(exc):
-                    raise
-                # Nearly always a kept-alive connection the runtime closed (or reset, as
-                # llama-server does when it closes one our next request already reached) just as it
-                # was taken from the pool, so the runtime never answered the request: once more, on
-                # another connection, rather than fail it over that race. A runtime that really
-                # died fails the second try too, and the caller fails over as before.
-                resp = await self._session.post(url, data=data, headers=headers, timeout=timeouts)
+            resp = await self._post(url, data, headers, timeouts)
         except asyncio.TimeoutError as exc:
             metrics.upstream_errors.labels(backend, "timeout").inc()
             if isinstance(exc, aiohttp.SocketTimeoutError):
@@ -135,6 +127,25 @@ class Upstream:
             error.headers.update(_passed_on(resp.headers))
             raise error
         return resp
+
+    async def _post(self, url: yarl.URL, data: bytes, headers: dict[str, str],
+                    timeouts: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+        """The POST, sent again on another connection while the one it went on turns out dropped
+        at once. That is nearly always a kept-alive connection the runtime closed (or reset, when
+        our request had already reached it) just as the pool handed it out, so the runtime never
+        answered: and when two streams end together, the pool may hold several such, each found
+        dead in turn (make bench's llama-server phase: 503s after one retry). Not one dropped after
+        the runtime had the request a while (it was working on it: the caller fails over), and
+        not more than MAX_SENDS times; a runtime that died refuses the new connection at once."""
+        assert self._session is not None
+        for sends in range(1, MAX_SENDS + 1):
+            sent_at = time.monotonic()
+            try:
+                return await self._session.post(url, data=data, headers=headers, timeout=timeouts)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if not _dropped_connection(exc) or sends == MAX_SENDS or time.monotonic() - sent_at > DROPPED_AT_ONCE:
+                    raise
+        raise AssertionError("unreachable")
 
     @staticmethod
     async def read(resp: aiohttp.ClientResponse, backend: str) -> bytes:
