@@ -37,7 +37,7 @@ class Upstream:
         self._timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=connect_timeout)
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[tuple[str, str], yarl.URL] = {}
-        self._made: dict[tuple[int | None, float | None], aiohttp.ClientTimeout] = {}
+        self._made: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
 
     async def open(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -59,10 +59,10 @@ class Upstream:
 
     def _bounds(self, total: float | None, idle: float | None) -> aiohttp.ClientTimeout:
         """aiohttp's timeout for a request's time left (`total`) and a stream's longest silence.
-        The time left in whole seconds, rounded up (a deadline up to a second late), so that the
+        The time left in tenths of a second, rounded up (a deadline up to 0.1 s late), so that the
         few values in use are made once, not per request (each costs ~7k instructions:
         bench/count.py)."""
-        key = (math.ceil(total) if total is not None else None, idle)
+        key = (math.ceil(total * 10) / 10 if total is not None else None, idle)
         bounds = self._made.get(key)
         if bounds is None:
             if len(self._made) >= MAX_BOUNDS:  # retries' times left; those in use come back at once
