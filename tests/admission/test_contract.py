@@ -403,8 +403,9 @@ async def test_failover_without_a_slot_in_time_keeps_its_own(make_admission: Mak
     lease = await admission.acquire(ticket(backends=(("a", 1),), max_wait=0.3))
     holder = await admission.acquire(ticket("k2", backends=(("b", 1),)))
     started = time.monotonic()
-    with pytest.raises(BackendUnavailable):
+    with pytest.raises(BackendUnavailable) as refused:
         await lease.move([Slot("b", 1)])
+    assert refused.value.headers == {"retry-after": "1"}  # as every 503 of the gateway
     assert 0.25 < time.monotonic() - started < 2.0
     assert lease.backend == "a"
     with pytest.raises(BackendUnavailable):  # still held by the lease
