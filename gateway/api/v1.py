@@ -282,7 +282,7 @@ async def _forward(gateway: Gateway, exchange: Exchange, call: Call, lease: Leas
                 if others:
                     # Died (a replica killed) while this request waited for admission, which
                     # knows slots, not readiness: a ready peer takes it, as in a failover.
-                    backend = by_name[await lease.move([Slot(b.name, b.config.slots, b.config.weight) for b in others])]
+                    backend = by_name[await lease.move(_slots(others))]
                     continue
                 # Stopped or draining (idle stop, group swap) while this request waited for
                 # admission, and no peer is ready: bring it back rather than send to a port
@@ -332,7 +332,7 @@ async def _forward(gateway: Gateway, exchange: Exchange, call: Call, lease: Leas
                 if (not others or len(tried) >= gateway.config.routing.max_attempts
                         or time.monotonic() >= deadline or (answering and isinstance(exc, UpstreamTimeout))):
                     raise
-                backend = by_name[await lease.move([Slot(b.name, b.config.slots, b.config.weight) for b in others])]
+                backend = by_name[await lease.move(_slots(others))]
     except asyncio.CancelledError:
         if not departure.left:
             raise
@@ -557,10 +557,15 @@ def _ticket(gateway: Gateway, principal: Principal, route: Route, backends: Sequ
         key_id=principal.key_id,
         limits=Limits(principal.rpm, principal.tpm, principal.max_concurrency, principal.priority),
         model=route.public,
-        backends=[Slot(b.name, b.config.slots, b.config.weight) for b in backends],
+        backends=_slots(backends),
         cost=cost,
         max_wait=gateway.config.queue.max_wait,
     )
+
+
+def _slots(backends: Sequence[Backend]) -> list[Slot]:
+    """What the admission grants among, in the router's order (its first is the router's pick)."""
+    return [Slot(b.name, b.config.slots, b.config.weight) for b in backends]
 
 
 # Random per process, then a counter: unique across replicas without a system call per request.

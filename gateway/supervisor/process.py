@@ -598,11 +598,7 @@ class RuntimeProcess:
         limit, busy = self.config.health_failures, self._inflight()
         what = f"{self._misses} health check(s) in a row failed, last: {event.detail}"
         if self._misses >= 2 * limit or (self._misses >= limit and not busy):
-            if self.state is State.READY:
-                self._enter(State.UNHEALTHY, f"{what}; restarting")
-            self.log.write(f"[gateway] {what}: restarting it")
-            await self._terminate()
-            self._crashed(f"unhealthy: {what}", "unhealthy")
+            await self._restart_unhealthy(what)
         elif self._misses >= limit and self.state is State.READY:
             self._enter(State.UNHEALTHY, f"{what}; {busy} request(s) in flight: no new ones until it answers, "
                                          f"restart after {2 * limit} misses")
@@ -619,15 +615,18 @@ class RuntimeProcess:
             self._loading_since = now
         lasted, limit = now - self._loading_since, self.config.startup_timeout
         if lasted >= limit:
-            what = f"{detail} (loading) for {lasted:.1f}s, longer than startup_timeout {limit:g}s"
-            if self.state is State.READY:
-                self._enter(State.UNHEALTHY, f"{what}; restarting")
-            self.log.write(f"[gateway] {what}: restarting it")
-            await self._terminate()
-            self._crashed(f"unhealthy: {what}", "unhealthy")
+            await self._restart_unhealthy(
+                f"{detail} (loading) for {lasted:.1f}s, longer than startup_timeout {limit:g}s")
         elif self._loadings >= self.config.health_failures and self.state is State.READY:
             self._enter(State.UNHEALTHY, f"{detail} (loading) {self._loadings} time(s) in a row: no new requests "
                                          f"until it is ready again, restart after {limit:g}s of it")
+
+    async def _restart_unhealthy(self, what: str) -> None:
+        if self.state is State.READY:
+            self._enter(State.UNHEALTHY, f"{what}; restarting")
+        self.log.write(f"[gateway] {what}: restarting it")
+        await self._terminate()
+        self._crashed(f"unhealthy: {what}", "unhealthy")
 
     async def _watch_exit(self, proc: asyncio.subprocess.Process, gen: int) -> None:
         code = await proc.wait()
