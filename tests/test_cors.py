@@ -4,9 +4,7 @@ allowed origin, and only it."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ import pytest
 
 from gateway.config import ConfigError, parse
 from gateway.cors import cors_config, with_cors
-from tests.api.test_v1_accounting import CHAT, _Runtime
+from tests.api.test_v1_accounting import CHAT, runtime_serving
 from tests.conftest import StartGateway
 
 UI = "https://chat.example.com"
@@ -65,13 +63,8 @@ def test_off_by_default_and_origins_are_checked_once() -> None:
 
 @pytest.fixture
 def runtime_url() -> Iterator[str]:
-    runtime = ThreadingHTTPServer(("127.0.0.1", 0), _Runtime)
-    threading.Thread(target=runtime.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{runtime.server_port}"
-    finally:
-        runtime.shutdown()
-        runtime.server_close()
+    with runtime_serving() as url:
+        yield url
 
 
 def _preflight(url: str, origin: str) -> httpx.Response:

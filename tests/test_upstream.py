@@ -100,31 +100,21 @@ async def test_every_pooled_connection_found_dropped_in_turn_then_a_new_one(rese
         server.close()
 
 
-async def test_a_server_that_keeps_dropping_requests_is_unavailable() -> None:
-    server, port, connections = await _server(close_after=0)
+@pytest.mark.parametrize(("reset", "failure"), [
+    (False, "it closed the connection"),
+    (True, "connection error: connection reset by peer"),
+], ids=["closed", "reset"])
+async def test_a_server_that_keeps_dropping_requests_is_unavailable_after_a_bounded_few(
+        reset: bool, failure: str) -> None:
+    server, port, connections = await _server(close_after=0, reset=reset)
     upstream = Upstream(connect_timeout=2, request_timeout=5)
     await upstream.open()
     try:
         with pytest.raises(BackendUnavailable) as caught:
             await _call(upstream, port)
         assert len(connections) == MAX_SENDS  # bounded
-        assert caught.value.message == "The backend for this model is unreachable (it closed the connection)."
+        assert caught.value.message == f"The backend for this model is unreachable ({failure})."
         assert caught.value.headers["retry-after"] == "1"
-    finally:
-        await upstream.close()
-        server.close()
-
-
-async def test_a_server_that_keeps_resetting_requests_is_unavailable_after_a_bounded_few() -> None:
-    server, port, connections = await _server(close_after=0, reset=True)
-    upstream = Upstream(connect_timeout=2, request_timeout=5)
-    await upstream.open()
-    try:
-        with pytest.raises(BackendUnavailable) as caught:
-            await _call(upstream, port)
-        assert len(connections) == MAX_SENDS  # bounded
-        assert caught.value.message == ("The backend for this model is unreachable "
-                                        "(connection error: connection reset by peer).")
     finally:
         await upstream.close()
         server.close()

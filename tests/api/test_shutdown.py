@@ -11,75 +11,64 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.api.test_v1_accounting import CHAT, _Runtime
+from tests.api.test_v1_accounting import CHAT, runtime_serving
 from tests.conftest import RedisServer, StartGateway
 from tests.helpers import GatewayProcess, wait_until
 from tests.supervisor.support import fake
 
 
-def test_queued_requests_get_a_503_at_once_and_cut_streams_an_error_event(start_gateway: StartGateway) -> None:
-    runtime = ThreadingHTTPServer(("127.0.0.1", 0), _Runtime)
-    threading.Thread(target=runtime.serve_forever, daemon=True).start()
-    try:
-        gateway = start_gateway({
-            "backends": [{"name": "one-slot", "runtime": "openai", "url": f"http://127.0.0.1:{runtime.server_port}",
-                          "serves": ["long", "fast"], "slots": 1, "stop_timeout": "1s"}],  # grace: 6 s
-            "queue": {"max_wait": "60s"}})
-        key = gateway.new_key()
-        headers = {"authorization": f"Bearer {key}"}
-        stream: list[str] = []
-        queued: dict[str, Any] = {}
+def test_queued_requests_get_a_503_at_once_and_cut_streams_an_error_event(start_gateway: StartGateway,
+                                                                         runtime_url: str) -> None:
+    gateway = start_gateway({
+        "backends": [{"name": "one-slot", "runtime": "openai", "url": runtime_url,
+                      "serves": ["long", "fast"], "slots": 1, "stop_timeout": "1s"}],  # grace: 6 s
+        "queue": {"max_wait": "60s"}})
+    key = gateway.new_key()
+    headers = {"authorization": f"Bearer {key}"}
+    stream: list[str] = []
+    queued: dict[str, Any] = {}
 
-        def read_stream() -> None:
-            with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers=headers, timeout=60,
-                              json={"model": "long", "messages": CHAT, "stream": True}) as r:
-                stream.extend(line for line in r.iter_lines() if line)
+    def read_stream() -> None:
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers=headers, timeout=60,
+                          json={"model": "long", "messages": CHAT, "stream": True}) as r:
+            stream.extend(line for line in r.iter_lines() if line)
 
-        def wait_in_queue() -> None:
-            r = httpx.post(gateway.url + "/v1/chat/completions", headers=headers, timeout=60,
-                           json={"model": "fast", "messages": CHAT})
-            queued.update(status=r.status_code, headers=r.headers, body=r.text, at=time.monotonic())
+    def wait_in_queue() -> None:
+        r = httpx.post(gateway.url + "/v1/chat/completions", headers=headers, timeout=60,
+                       json={"model": "fast", "messages": CHAT})
+        queued.update(status=r.status_code, headers=r.headers, body=r.text, at=time.monotonic())
 
-        streaming = threading.Thread(target=read_stream)
-        streaming.start()
-        time.sleep(0.5)  # the stream holds the only slot
-        waiting = threading.Thread(target=wait_in_queue)
-        waiting.start()
-        time.sleep(0.5)
-        stopped_at = time.monotonic()
-        gateway.proc.send_signal(signal.SIGTERM)
-        waiting.join(10)
-        assert queued["status"] == 503, queued
-        assert queued["at"] - stopped_at < 2.0  # at once, not at the end of the grace period
-        assert queued["headers"]["retry-after"] == "1"
-        assert "shutting down" in json.loads(queued["body"])["error"]["message"]
-        streaming.join(30)
-        assert not streaming.is_alive()
-        assert stream[-1] == "data: [DONE]", stream[-3:]
-        assert "shutting down" in json.loads(stream[-2].removeprefix("data: "))["error"]["message"]
-        assert len(stream) < 400  # it was cut, not finished
-        assert gateway.proc.wait(30) in (0, -15)
-    finally:
-        runtime.shutdown()
-        runtime.server_close()
+    streaming = threading.Thread(target=read_stream)
+    streaming.start()
+    time.sleep(0.5)  # the stream holds the only slot
+    waiting = threading.Thread(target=wait_in_queue)
+    waiting.start()
+    time.sleep(0.5)
+    stopped_at = time.monotonic()
+    gateway.proc.send_signal(signal.SIGTERM)
+    waiting.join(10)
+    assert queued["status"] == 503, queued
+    assert queued["at"] - stopped_at < 2.0  # at once, not at the end of the grace period
+    assert queued["headers"]["retry-after"] == "1"
+    assert "shutting down" in json.loads(queued["body"])["error"]["message"]
+    streaming.join(30)
+    assert not streaming.is_alive()
+    assert stream[-1] == "data: [DONE]", stream[-3:]
+    assert "shutting down" in json.loads(stream[-2].removeprefix("data: "))["error"]["message"]
+    assert len(stream) < 400  # it was cut, not finished
+    assert gateway.proc.wait(30) in (0, -15)
 
 
 @pytest.fixture
 def runtime_url() -> Iterator[str]:
     """The in-test runtime: model "long" streams for 20 s, "fast" answers at once (3 + 2 tokens)."""
-    runtime = ThreadingHTTPServer(("127.0.0.1", 0), _Runtime)
-    threading.Thread(target=runtime.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{runtime.server_port}"
-    finally:
-        runtime.shutdown()
-        runtime.server_close()
+    with runtime_serving() as url:
+        yield url
 
 
 def _backend(runtime_url: str) -> dict[str, Any]:

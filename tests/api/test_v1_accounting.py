@@ -4,6 +4,7 @@ honest and the key's usage stays countable (gateway/api/v1.py, gateway/openai.py
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -81,19 +82,26 @@ class _Runtime(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def gateway(start_gateway: StartGateway) -> Iterator[GatewayProcess]:
+@contextlib.contextmanager
+def runtime_serving() -> Iterator[str]:
+    """_Runtime on a free port, in a thread of its own; its URL, until the block ends."""
     runtime = ThreadingHTTPServer(("127.0.0.1", 0), _Runtime)
     threading.Thread(target=runtime.serve_forever, daemon=True).start()
     try:
-        # One slot: a request that kept its slot would hold up the next one.
-        yield start_gateway({
-            "backends": [{"name": "one-slot", "runtime": "openai", "url": f"http://127.0.0.1:{runtime.server_port}",
-                          "serves": ["fast", "slow", "garbage", "huge", "streaming"], "slots": 1}],
-            "queue": {"max_wait": "1s"}, "limits": {"default_completion_tokens": 500}})
+        yield f"http://127.0.0.1:{runtime.server_port}"
     finally:
         runtime.shutdown()
         runtime.server_close()
+
+
+@pytest.fixture
+def gateway(start_gateway: StartGateway) -> Iterator[GatewayProcess]:
+    with runtime_serving() as url:
+        # One slot: a request that kept its slot would hold up the next one.
+        yield start_gateway({
+            "backends": [{"name": "one-slot", "runtime": "openai", "url": url,
+                          "serves": ["fast", "slow", "garbage", "huge", "streaming"], "slots": 1}],
+            "queue": {"max_wait": "1s"}, "limits": {"default_completion_tokens": 500}})
 
 
 def _usage_of(gateway: GatewayProcess, key_id: str) -> dict[str, Any]:
@@ -196,11 +204,9 @@ def test_a_list_of_prompts_reserves_an_answer_for_each(gateway: GatewayProcess) 
 def test_llama_cpps_own_length_field_counts_in_the_reservation(start_gateway: StartGateway) -> None:
     # The audit's case: a tpm 300 key sent max_tokens 1 with n_predict 1000, which llama-server
     # obeys, and generated 1,000 tokens on a 1-token reservation.
-    runtime = ThreadingHTTPServer(("127.0.0.1", 0), _Runtime)
-    threading.Thread(target=runtime.serve_forever, daemon=True).start()
-    try:
+    with runtime_serving() as url:
         gateway = start_gateway({"backends": [{"name": "llama", "runtime": "llamacpp", "serves": ["fast"],
-                                               "url": f"http://127.0.0.1:{runtime.server_port}"}]})
+                                               "url": url}]})
         key = gateway.admin("POST", "/admin/keys", json={"name": "small", "tpm": 300}).json()["key"]
         with gateway.http(key) as client:
             body = {"model": "fast", "messages": CHAT, "max_tokens": 1}
@@ -209,9 +215,6 @@ def test_llama_cpps_own_length_field_counts_in_the_reservation(start_gateway: St
             for allowed in (body, {**body, "n_predict": 50}, {**body, "n_predict": -1}, {**body, "n_predict": "x"}):
                 r = client.post("/v1/chat/completions", json=allowed)
                 assert r.status_code == 200, (allowed, r.text)
-    finally:
-        runtime.shutdown()
-        runtime.server_close()
 
 
 @pytest.mark.parametrize(("body", "param"), [

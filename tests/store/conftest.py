@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from gateway.store.base import ApiKey, Store, hash_secret
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SQLiteStore
+from tests.conftest import RedisServer
 
 OpenStore = Callable[..., Awaitable[Store]]  # keyword options go to the store (usage_retention, clock)
 
@@ -60,3 +61,11 @@ async def overwrite_record(store: Store, key_id: str, raw: str) -> None:
         assert isinstance(store, SQLiteStore)
         with sqlite3.connect(store.path) as db:
             assert db.execute("UPDATE keys SET record = ? WHERE id = ?", (raw, key_id)).rowcount == 1
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's alone, for tests that kill, restart or reconfigure it."""
+    server = RedisServer(tmp_path)
+    yield server
+    server.kill()

@@ -6,8 +6,7 @@ reconfiguring the shared one would break the other tests."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -17,13 +16,6 @@ from gateway.store.redis import OUTAGE, RedisStore
 from tests.conftest import RedisServer
 from tests.helpers import free_port
 from tests.store.conftest import make_key
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    yield server
-    server.kill()
 
 
 @pytest.fixture
