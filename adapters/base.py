@@ -30,6 +30,19 @@ if TYPE_CHECKING:
 _decode = msgspec.json.decode
 
 
+class ChunkProbe(msgspec.Struct):
+    """The fields of a stream chunk that decide whether the client may get it as it came
+    (SSEDecoder.hand_on). Decoding only these skips over the rest without building objects."""
+
+    model: Any = msgspec.UNSET
+    choices: list[msgspec.Raw] | None = None
+    usage: Any = msgspec.UNSET
+    error: Any = msgspec.UNSET
+
+
+_probe = msgspec.json.Decoder(ChunkProbe).decode
+
+
 def find_binary(configured: str | list[str] | None, name: str) -> list[str]:
     """The backend's `binary` (a path, or an argv prefix such as [python, script]), else `name` on PATH."""
     if configured:
@@ -242,6 +255,10 @@ class StreamDecoder:
         self._partial = b""
         self.finished = False
 
+    def hand_on(self, model: str, usage_null: bool) -> None:
+        """Chunks that need no change may go into `out` as the SSE events the client gets, in
+        bytes (see SSEDecoder's); a decoder that reshapes every chunk ignores this."""
+
     def feed(self, data: bytes, out: list[dict[str, Any]]) -> None:
         lines = (self._partial + data).split(b"\n") if self._partial else data.split(b"\n")
         self._partial = lines.pop()  # b"" when data ended with a newline
@@ -287,8 +304,37 @@ class SSEDecoder(StreamDecoder):
     def __init__(self, error: ErrorMapper, shape: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None) -> None:
         super().__init__()
         self._error, self._shape = error, shape
+        self._as_is: tuple[str, bool] | None = None
 
-    def feed(self, data: bytes, out: list[dict[str, Any]]) -> None:
+    def hand_on(self, model: str, usage_null: bool) -> None:
+        """Put a chunk that needs no change into `out` as the runtime wrote it, a whole SSE event
+        in bytes, instead of decoding it to an object the relay would encode again (half the
+        relay's work per token: bench/README.md). It needs none when it names `model`, carries
+        no usage (`"usage": null` when `usage_null`, the client having asked for usage; else
+        none at all) and has choices. Only a runtime whose chunks are OpenAI's already (no `shape`)."""
+        if self._shape is None:
+            self._as_is = (model, usage_null)
+
+    def _unchanged(self, raw: bytes) -> bytes | None:
+        """`raw` (a `data: {` line) as the event the client gets, if it needs no change (hand_on)."""
+        assert self._as_is is not None
+        try:
+            probe = _probe(raw[6:])
+        except (msgspec.DecodeError, RecursionError):
+            return None  # the full decoding says what is wrong with it
+        model, usage_null = self._as_is
+        if probe.model != model or probe.error is not msgspec.UNSET or not probe.choices or raw[-1:] != b"}":
+            return None
+        if probe.usage is msgspec.UNSET:
+            return None if usage_null else raw + b"\n\n"
+        if probe.usage is not None:
+            return None  # the usage, taken out by the relay
+        if usage_null:
+            return raw + b"\n\n"
+        # OpenAI and vLLM write `usage` last; a client that did not ask for it gets none.
+        return raw[:-14] + b"}\n\n" if raw.endswith(b',"usage":null}') else None
+
+    def feed(self, data: bytes, out: list[Any]) -> None:
         # The loop every OpenAI-speaking stream runs once per token: the common `data: {json}`
         # line is decoded here, without two method calls per line; every other line (`[DONE]`,
         # comments, fields, other spacing) takes the general path, `line`.
@@ -303,6 +349,11 @@ class SSEDecoder(StreamDecoder):
                 if line:
                     self.line(line, out)
                 continue
+            if self._as_is is not None:
+                event = self._unchanged(raw)
+                if event is not None:
+                    out.append(event)
+                    continue
             try:
                 chunk = _decode(raw[6:])  # surrounding whitespace (a `\r`) is JSON whitespace
             except (msgspec.DecodeError, RecursionError):  # (nested past the stack)

@@ -326,6 +326,61 @@ async def test_chunks_keep_all_but_model_and_usage(compact: bool) -> None:
     assert outcome.usage == USAGE and outcome.chunks == 3 and outcome.finished
 
 
+# A runtime that names the model as the client did and writes usage as OpenAI does: its chunks
+# reach the client as it wrote them (spacing kept shows they were not decoded and encoded again).
+SAME = "alias"
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "spaced"])
+async def test_chunks_that_need_no_change_are_handed_on_as_written(compact: bool) -> None:
+    sent = [event(chunk("Hel", model=SAME, usage=None), compact), event(chunk("lo", model=SAME, usage=None), compact),
+            event(chunk(None, model=SAME, finish="stop", usage=None), compact)]
+    tail = event({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": SAME,
+                  "choices": [], "usage": USAGE}, compact)
+    stream = b"".join(sent) + tail + event("[DONE]")
+    events, outcome = await relayed([stream[:40], stream[40:]], include_usage=True)
+    assert [e.encode() for e in events[:3]] == [s[len(b"data: "):-2] for s in sent]
+    assert json.loads(events[3]) == {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7,
+                                     "model": SAME, "choices": [], "usage": USAGE}
+    assert events[4] == "[DONE]" and len(events) == 5
+    assert outcome.usage == USAGE and outcome.chunks == 3 and outcome.finished
+
+
+async def test_a_client_that_did_not_ask_for_usage_gets_no_usage_field_on_handed_on_chunks() -> None:
+    sent = [chunk("a", model=SAME, usage=None), chunk(None, model=SAME, finish="stop", usage=None)]
+    tail = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": SAME,
+            "choices": [], "usage": USAGE}
+    for compact in (True, False):  # `,"usage":null}` cut from the bytes; spaced, decoded instead
+        events, outcome = await relayed([b"".join(event(c, compact) for c in [*sent, tail]) + event("[DONE]")],
+                                        include_usage=False)
+        assert events[-1] == "[DONE]" and len(events) == 3
+        for got, want in zip(events[:2], sent):
+            assert json.loads(got) == {k: v for k, v in want.items() if k != "usage"}
+        assert outcome.usage == USAGE and outcome.chunks == 2
+
+
+async def test_chunks_handed_on_and_chunks_changed_mix_in_one_read() -> None:
+    # Another model's name, no usage field for a client that asked for it, an empty choices
+    # list: each decoded and changed (or dropped), the others handed on, in the order sent.
+    empty = chunk(None, model=SAME, usage=None)
+    empty["choices"] = []
+    sent = [chunk("a", model=SAME, usage=None), chunk("b", model="runtime-name", usage=None), chunk("c", model=SAME),
+            empty, chunk(None, model=SAME, finish="stop", usage=USAGE)]
+    events, outcome = await relayed([b"".join(event(c) for c in sent) + event("[DONE]")], include_usage=True)
+    got = [json.loads(e) for e in events[:-2]]
+    assert [g["choices"][0]["delta"].get("content") for g in got] == ["a", "b", "c", None]
+    assert all(g["model"] == SAME and g["usage"] is None for g in got)
+    assert json.loads(events[-2])["usage"] == USAGE and outcome.chunks == 4
+
+
+async def test_an_error_in_a_chunk_that_names_the_model_still_ends_the_stream() -> None:
+    bad = chunk("x", model=SAME, usage=None, error={"message": "out of memory", "type": "server_error", "code": 500})
+    events, outcome = await relayed([event(chunk("a", model=SAME, usage=None)) + event(bad)], include_usage=True)
+    assert json.loads(events[0])["choices"][0]["delta"]["content"] == "a"
+    assert json.loads(events[1])["error"]["message"] == "out of memory" and events[2] == "[DONE]"
+    assert outcome.error is not None and not outcome.finished
+
+
 async def test_the_usage_chunk_is_sent_last_when_asked_for() -> None:
     stream = [event(chunk("Hi")), event(chunk(None, finish="stop")),
               event({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "runtime-name",
