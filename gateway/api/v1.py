@@ -321,7 +321,7 @@ async def _forward(gateway: Gateway, exchange: Exchange, call: Call, lease: Leas
                 # Nothing reached the client yet: another backend of the group may take it, in
                 # the time left. Not an answer timed out on its way (its headers came): that
                 # backend was generating it, and another would only generate it again.
-                call.attempt_failed()
+                call.attempt_failed(exc.status)
                 wait = _retry_after(exc)
                 if wait is not None:  # its own capacity: it sits out what it asked, its peers go on
                     gateway.cooldowns.rest(backend.name, wait)
@@ -464,11 +464,12 @@ class Call:
         backend.inflight += 1
         metrics.REQUESTS.attempt_started(backend.name)
 
-    def attempt_failed(self) -> None:
+    def attempt_failed(self, status: int) -> None:
+        """The backend's answer (or its absence: 503, 504) that sent the request to another."""
         backend = self.backend
         assert backend is not None
         self._leave(backend)
-        metrics.REQUESTS.answered(self.model, backend.name, self.endpoint, "5xx")
+        metrics.REQUESTS.answered(self.model, backend.name, self.endpoint, metrics.status_class(status))
         self.backend = None
 
     def _leave(self, backend: Backend) -> None:

@@ -474,6 +474,10 @@ def test_a_replica_out_of_capacity_hands_the_request_to_another_and_sits_out_its
                 r = client.post("/v1/chat/completions", json=CHAT, headers={"x-session-id": on_busy})
                 assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "idle", r.text
             assert servers["busy"].requests == 1  # asked once, then left alone for its wait (at most routing.cooldown)
+            # Counted as the 429 it was, not as a failure of the backend's (a 5xx alert would fire).
+            busy = [line for line in httpx.get(gateway.url + "/metrics").text.splitlines()
+                    if line.startswith("gateway_requests_total{") and 'backend="busy"' in line]
+            assert len(busy) == 1 and 'status="4xx"' in busy[0] and busy[0].endswith(" 1.0"), busy
             # The last candidate's 429 reaches the client, with its wait.
             servers["idle"].behaviour.update(status=429, retry_after=7)
             r = client.post("/v1/chat/completions", json=CHAT, headers={"x-session-id": on_busy})
