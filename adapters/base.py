@@ -308,8 +308,8 @@ class SSEDecoder(StreamDecoder):
 
     def hand_on(self, model: str, usage_null: bool) -> None:
         """Put a chunk that needs no change into `out` as the runtime wrote it, a whole SSE event
-        in bytes, instead of decoding it to an object the relay would encode again (half the
-        relay's work per token: bench/README.md). It needs none when it names `model`, carries
+        in bytes, instead of decoding it to an object the relay would encode again (12 us instead
+        of 28 for a 22-event stream: bench/README.md). It needs none when it names `model`, carries
         no usage (`"usage": null` when `usage_null`, the client having asked for usage; else
         none at all) and has choices. Only a runtime whose chunks are OpenAI's already (no `shape`)."""
         if self._shape is None:

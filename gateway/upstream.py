@@ -228,10 +228,10 @@ async def relay_stream(resp: aiohttp.ClientResponse, adapter: Adapter, endpoint:
     (its model named as the client did, no usage) is handed on as written, not decoded and
     encoded again: 1,475k -> 1,296k instructions a 20-token stream (bench/count.py). Usage is
     always asked of the runtime; wherever it arrives (on the finish chunk, or in a `choices: []`
-    chunk) it is taken out, and sent as one final chunk only if the client asked. A failure before the first chunk is raised, so the
-    caller may still answer with an error status or try another backend; after it, the stream
-    ends with an error event: never retried, never a hang (`idle`: the silence send() allowed,
-    named in the error). A client that goes away closes this
+    chunk) it is taken out, and sent as one final chunk only if the client asked. A failure
+    before the first chunk is raised, so the caller may still answer with an error status or try
+    another backend; after it, the stream ends with an error event: never retried, never a hang
+    (`idle`: the silence send() allowed, named in the error). A client that goes away closes this
     generator, which closes the upstream connection, which stops the generation.
     """
     decoder = adapter.decoder(endpoint)
