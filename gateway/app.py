@@ -46,6 +46,7 @@ log = logging.getLogger("gateway")
 
 # Sections a reload may change; the others (listening address, stores, keys' rules) need a restart.
 RELOADABLE = ("backends", "models", "routing", "limits", "metrics")
+CUT_REQUESTS_TIMEOUT = 2.0  # seconds: a cut stream's last words are bounded at 1 s (v1._last_words)
 
 
 class ReloadRefused(InvalidRequest):
@@ -67,6 +68,9 @@ class Gateway:
         # of the grace period with a 500.
         self.closing = False
         self.admitting: set[asyncio.Task[Any]] = set()
+        # Every request's task: uvicorn's own set, handed over by gateway/cli.py (empty under
+        # another server), for the lifespan shutdown to wait for the ones it cut.
+        self.requests: set[asyncio.Task[Any]] = set()
         self.cannot_start: str | None = None  # why the start failed, when it is the operator's to fix
         self.started = int(time.time())
         self.redis = _redis_client(config.store.url) if config.store.url else None
@@ -140,6 +144,20 @@ class Gateway:
         stack.push_async_callback(self.loads.stop)
         await self.sends.start()
         stack.push_async_callback(self.sends.stop)
+        stack.push_async_callback(self._let_cut_requests_finish)  # first at the exit
+
+    async def _let_cut_requests_finish(self) -> None:
+        """The lifespan shutdown's first step. uvicorn starts it right after cancelling the
+        requests that outlived the grace period, without waiting for them. Their cancel paths
+        record their usage (a stream's last words to a slow client may take a second first),
+        which the final flush must find."""
+        running = [task for task in self.requests if not task.done()]
+        if not running:
+            return  # the usual case: the grace period was enough
+        _, still = await asyncio.wait(running, timeout=CUT_REQUESTS_TIMEOUT)
+        if still:
+            log.error("shutdown: %d requests cut at the end of the grace period still ran after %g s; "
+                      "usage they had not recorded is lost", len(still), CUT_REQUESTS_TIMEOUT)
 
     def begin_shutdown(self) -> None:
         """The server stops accepting: what only waits is told to go now (v1._admitted answers it)."""

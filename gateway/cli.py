@@ -123,6 +123,7 @@ def serve(args: argparse.Namespace) -> None:
         timeout_graceful_shutdown=max(b.stop_timeout for b in config.backends) + 5,
     )
     runner = Server(uvicorn_config)
+    gateway.requests = runner.server_state.tasks
     try:
         runner.run()
     except KeyboardInterrupt:  # as uvicorn.run

@@ -64,6 +64,43 @@ def test_queued_requests_get_a_503_at_once_and_cut_streams_an_error_event(start_
     assert gateway.proc.wait(30) in (0, -15)
 
 
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_a_stream_cut_at_the_end_of_the_grace_period_keeps_its_usage(start_gateway: StartGateway, runtime_url: str,
+                                                                     store: str, request: pytest.FixtureRequest) -> None:
+    """uvicorn cancels what outlives the grace period and starts the lifespan shutdown at once,
+    without waiting for what it cancelled; the final flush must still find the cut stream's usage."""
+    config: dict[str, Any] = {"backends": [{"name": "one-slot", "runtime": "openai", "url": runtime_url,
+                                            "serves": ["long"], "slots": 1, "stop_timeout": "1s"}]}  # grace: 6 s
+    if store == "redis":
+        config["store"] = {"url": request.getfixturevalue("redis_url")}
+    first = start_gateway(config)
+    created = first.admin("POST", "/admin/keys", json={"name": "cut"}).json()
+    streamed = threading.Event()
+
+    def read_stream() -> None:
+        with contextlib.suppress(httpx.HTTPError), httpx.stream(
+                "POST", first.url + "/v1/chat/completions", timeout=60,
+                headers={"authorization": f"Bearer {created['key']}"},
+                json={"model": "long", "messages": CHAT, "stream": True}) as r:
+            for _ in r.iter_lines():
+                streamed.set()
+
+    streaming = threading.Thread(target=read_stream)
+    streaming.start()
+    assert streamed.wait(10)
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.proc.wait(30) in (0, -15)
+    streaming.join(10)
+    log = first.log()
+    assert "timeout graceful shutdown exceeded" in log, log  # the path under test: the stream was cut
+
+    second = start_gateway({**config, "data_dir": str(first.directory / "data")})
+    rows = second.admin("GET", "/admin/usage", params={"group_by": "key,model"}).json()["data"]
+    usage = {row["model"]: row for row in rows if row["key"] == created["id"]}
+    assert {"requests": 1, "errors": 1}.items() <= usage.get("long", {}).items(), (usage, log)
+    assert usage["long"]["completion_tokens"] > 0
+
+
 @pytest.fixture
 def runtime_url() -> Iterator[str]:
     """The in-test runtime: model "long" streams for 20 s, "fast" answers at once (3 + 2 tokens)."""
