@@ -85,13 +85,13 @@ class LlamaCppAdapter(Adapter):
     # Rebuilt in the one OpenAI shape: `timings`, `system_fingerprint` (the build tag) and the
     # usage details go, so no client can tell runtimes apart. Usage arrives in any of the three
     # places the releases used (on the finish chunk, or a `choices: []` chunk with or without
-    # include_usage); the core takes it from whichever chunk carries it.
+    # include_usage); the core takes it from whichever chunk carries it, the last it sees.
 
     def response(self, endpoint: Endpoint, body: bytes, request: dict[str, Any] | None = None) -> dict[str, Any]:
         return shapes.canonical(endpoint, super().response(endpoint, body, request))
 
     def decoder(self, endpoint: Endpoint) -> StreamDecoder:
-        return SSEDecoder(self.error, lambda chunk: [shapes.chunk(endpoint, chunk)])
+        return SSEDecoder(self.error, UsageTally(endpoint))
 
     def health(self, status: int, body: bytes) -> Health:
         # Older builds answer /health 503 "no slot available" while every slot is busy: a server
@@ -114,3 +114,29 @@ class LlamaCppAdapter(Adapter):
 
 # Messages llama-server answers with status 500 for content it cannot take or parse.
 CLIENT_FAULTS = (b"image input is not supported", b"audio input is not supported", b"Failed to parse messages")
+
+
+class UsageTally:
+    """shapes.chunk, with the stream's usage summed. llama-server reports usage once per choice
+    it generates (each of a chat's `n`; each prompt of a completion's list, and each of its `n`),
+    on that choice's finish chunk or a `choices: []` chunk of its own, so the last report alone
+    is one choice's. Each report is rewritten as the total so far. A chat's choices answer one
+    prompt, counted once (the largest report), as OpenAI counts it; a completion's reports are
+    summed, prompts too, right for a prompt list and once per choice for `n` > 1 on one prompt.
+
+    Not in a non-streamed answer: there llama-server reports the first choice's usage only and
+    nothing about the others, so that is what is counted."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._endpoint = endpoint
+        self._prompt = self._completion = 0
+
+    def __call__(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        out = shapes.chunk(self._endpoint, chunk)
+        found = out.get("usage")
+        if found is not None:
+            prompt = found["prompt_tokens"]
+            self._prompt = max(self._prompt, prompt) if self._endpoint == "chat" else self._prompt + prompt
+            self._completion += found["completion_tokens"]
+            out["usage"] = shapes.usage(self._prompt, self._completion)
+        return [out]

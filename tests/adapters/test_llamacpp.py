@@ -77,6 +77,35 @@ async def test_every_generation_of_streaming_usage(adapter: LlamaCppAdapter, gen
     assert all(c["choices"][0]["logprobs"] is None for c in with_choices)  # the OpenAI key is always there
 
 
+def _report(prompt: int, completion: int) -> dict:
+    return {"completion_tokens": completion, "prompt_tokens": prompt, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+async def test_usage_reported_per_choice_is_summed(adapter: LlamaCppAdapter) -> None:
+    # As a real llama-server streamed them (captured): chat with n=2 sends one `choices: []`
+    # usage chunk per choice, both with the one prompt; a completion of a prompt list puts each
+    # prompt's usage on its own finish chunk. The last usage the core sees is the total.
+    def choice(index: int, delta: dict, finish: str | None = None, **extra: object) -> dict:
+        return {**chunk(delta, finish, **extra), "choices": [{"finish_reason": finish, "index": index, "delta": delta}]}
+
+    chat = [choice(0, {"content": "a"}), choice(1, {"content": "b"}), choice(0, {}, "length"),
+            chunk(None, usage=_report(25, 3)), choice(1, {}, "length"), chunk(None, usage=_report(25, 2))]
+    lines = [x for c in chat for x in (sse(c), "")] + [sse("[DONE]")]
+    usages = [c["usage"] for c in await collect(adapter, "chat", *lines) if "usage" in c]
+    assert usages[-1] == {"prompt_tokens": 25, "completion_tokens": 5, "total_tokens": 30}
+
+    def text(index: int, piece: str, finish: str | None = None, **extra: object) -> dict:
+        return {"choices": [{"text": piece, "index": index, "logprobs": None, "finish_reason": finish}],
+                "created": 1, "id": "cmpl-x", "model": "gemma", "object": "text_completion", **extra}
+
+    listed = [text(1, " the"), text(0, " @"), text(1, "", "length", usage=_report(4, 3)),
+              text(0, "ill"), text(0, "", "length", usage=_report(2, 3))]
+    lines = ["data: null", ""] + [x for c in listed for x in (sse(c), "")] + [sse("[DONE]")]
+    usages = [c["usage"] for c in await collect(adapter, "completions", *lines) if "usage" in c]
+    assert usages[-1] == {"prompt_tokens": 6, "completion_tokens": 6, "total_tokens": 12}
+
+
 async def test_old_error_line_mid_stream(adapter: LlamaCppAdapter) -> None:
     error = {"code": 500, "message": "failed to decode", "type": "server_error"}
     with pytest.raises(UpstreamError) as info:

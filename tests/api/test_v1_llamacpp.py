@@ -79,6 +79,28 @@ def test_completions(client: openai.OpenAI) -> None:
     assert streamed[-1].usage is not None
 
 
+def test_a_stream_of_several_choices_counts_them_all(client: openai.OpenAI) -> None:
+    # llama-server reports usage once per choice; the client gets (and the key is charged) the sum.
+    alone = client.chat.completions.create(model="gemma3-270m", messages=MESSAGES, max_tokens=4)
+    chunks = list(client.chat.completions.create(model="gemma3-270m", messages=MESSAGES, max_tokens=4, n=2,
+                                                 stream=True, stream_options={"include_usage": True}))
+    finished = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason}
+    usage = chunks[-1].usage
+    assert finished == {0: "length", 1: "length"}, finished  # each ran to max_tokens: 4 tokens each
+    assert usage is not None and usage.completion_tokens == 8, usage
+    assert alone.usage is not None and usage.prompt_tokens == alone.usage.prompt_tokens  # one prompt, once
+
+    prompts = ["The sky is", "Once upon a time there was"]
+    each = [client.completions.create(model="gemma3-270m", prompt=p, max_tokens=3).usage for p in prompts]
+    listed = list(client.completions.create(model="gemma3-270m", prompt=prompts, max_tokens=3, stream=True,
+                                            stream_options={"include_usage": True}))
+    finished = {c.choices[0].index: c.choices[0].finish_reason for c in listed if c.choices and c.choices[0].finish_reason}
+    usage = listed[-1].usage
+    assert finished == {0: "length", 1: "length"}, finished
+    assert usage is not None and usage.completion_tokens == 6, usage
+    assert usage.prompt_tokens == sum(u.prompt_tokens for u in each if u is not None), (usage, each)
+
+
 def test_embeddings(client: openai.OpenAI) -> None:
     reply = client.embeddings.create(model="gemma3-270m", input=["red", "blue"])
     assert reply.model == "gemma3-270m"
