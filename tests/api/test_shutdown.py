@@ -75,28 +75,14 @@ def test_a_stream_cut_at_the_end_of_the_grace_period_keeps_its_usage(start_gatew
         config["store"] = {"url": request.getfixturevalue("redis_url")}
     first = start_gateway(config)
     created = first.admin("POST", "/admin/keys", json={"name": "cut"}).json()
-    streamed = threading.Event()
-
-    def read_stream() -> None:
-        with contextlib.suppress(httpx.HTTPError), httpx.stream(
-                "POST", first.url + "/v1/chat/completions", timeout=60,
-                headers={"authorization": f"Bearer {created['key']}"},
-                json={"model": "long", "messages": CHAT, "stream": True}) as r:
-            for _ in r.iter_lines():
-                streamed.set()
-
-    streaming = threading.Thread(target=read_stream)
-    streaming.start()
-    assert streamed.wait(10)
+    streaming = _long_stream(first, created["key"])
     first.proc.send_signal(signal.SIGTERM)
     assert first.proc.wait(30) in (0, -15)
     streaming.join(10)
     log = first.log()
     assert "timeout graceful shutdown exceeded" in log, log  # the path under test: the stream was cut
 
-    second = start_gateway({**config, "data_dir": str(first.directory / "data")})
-    rows = second.admin("GET", "/admin/usage", params={"group_by": "key,model"}).json()["data"]
-    usage = {row["model"]: row for row in rows if row["key"] == created["id"]}
+    usage = _usage_after_restart(start_gateway, first, config, created["id"])
     assert {"requests": 1, "errors": 1}.items() <= usage.get("long", {}).items(), (usage, log)
     assert usage["long"]["completion_tokens"] > 0
 
@@ -114,23 +100,37 @@ def _backend(runtime_url: str) -> dict[str, Any]:
             "stop_timeout": "30s"}
 
 
-def _force_quit_during_a_stream(gateway: GatewayProcess, key: str, fast: int,
-                                before_the_signals: Callable[[], object] | None = None) -> float:
-    """A stream running, `fast` requests finished, then Ctrl-C twice: the seconds the gateway took
-    to exit after the second one."""
-    headers = {"authorization": f"Bearer {key}"}
+def _long_stream(gateway: GatewayProcess, key: str) -> threading.Thread:
+    """A client reading model "long"'s 20 s stream in a thread, returned once its first line came."""
     streamed = threading.Event()
 
     def read_stream() -> None:
         with contextlib.suppress(httpx.HTTPError), httpx.stream(
-                "POST", gateway.url + "/v1/chat/completions", headers=headers, timeout=60,
-                json={"model": "long", "messages": CHAT, "stream": True}) as r:
+                "POST", gateway.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                timeout=60, json={"model": "long", "messages": CHAT, "stream": True}) as r:
             for _ in r.iter_lines():
                 streamed.set()
 
     streaming = threading.Thread(target=read_stream)
     streaming.start()
     assert streamed.wait(10)
+    return streaming
+
+
+def _usage_after_restart(start_gateway: StartGateway, first: GatewayProcess, config: dict[str, Any],
+                         key_id: str) -> dict[str, dict[str, Any]]:
+    """The key's usage by model, as a new gateway on the same data directory (embedded store) or
+    the same Redis reads it."""
+    second = start_gateway({**config, "data_dir": str(first.directory / "data")})
+    rows = second.admin("GET", "/admin/usage", params={"group_by": "key,model"}).json()["data"]
+    return {row["model"]: row for row in rows if row["key"] == key_id}
+
+
+def _force_quit_during_a_stream(gateway: GatewayProcess, key: str, fast: int,
+                                before_the_signals: Callable[[], object] | None = None) -> float:
+    """A stream running, `fast` requests finished, then Ctrl-C twice: the seconds the gateway took
+    to exit after the second one."""
+    streaming = _long_stream(gateway, key)
     # Right before the signals, so the periodic flush (once a second) has not taken them all.
     with gateway.http(key) as client:
         for _ in range(fast):
@@ -164,10 +164,7 @@ def test_a_second_ctrl_c_quits_at_once_and_keeps_the_usage(start_gateway: StartG
     assert took < 5, log  # the bounds add up to ~3 s
     assert "usage lost" not in log, log
 
-    # Same data directory (embedded store) or same Redis.
-    second = start_gateway({**config, "data_dir": str(first.directory / "data")})
-    rows = second.admin("GET", "/admin/usage", params={"group_by": "key,model"}).json()["data"]
-    usage = {row["model"]: row for row in rows if row["key"] == created["id"]}
+    usage = _usage_after_restart(start_gateway, first, config, created["id"])
     assert {"requests": 5, "prompt_tokens": 15, "completion_tokens": 10, "errors": 0}.items() <= usage.get(
         "fast", {}).items(), (usage, log)
     # The stream cut by the force quit: one request, an error, its chunks as completion tokens.
