@@ -54,6 +54,14 @@ def _bytes(value: Any) -> Any:
     raise ValueError("expected a size such as 1048576, '16MiB' or '512KB'")
 
 
+def _token(value: str) -> str:
+    # Sent as `Authorization: Bearer <api_key>`: one token, nothing that could end the header.
+    # (The value is a secret: the message does not show it.)
+    if not re.fullmatch(r"[\x21-\x7e]+", value):
+        raise ValueError("must be one token of printable ASCII characters (no spaces or line breaks)")
+    return value
+
+
 def _matching(pattern: str, what: str) -> AfterValidator:
     compiled = re.compile(pattern)
 
@@ -232,7 +240,7 @@ class BackendConfig(_Section):
     # Context tokens each slot gets (llama.cpp is started with -c context*slots).
     context: int = Field(default=4096, ge=256)
     embeddings: bool = False
-    api_key: str | None = None
+    api_key: Annotated[str, AfterValidator(_token)] | None = None
     startup_timeout: Seconds = 120.0
     stop_timeout: Seconds = 10.0
     # Share of a model group's traffic relative to its peers (with equal load).

@@ -1,79 +1,49 @@
 """The shared HTTP pool to the backends, and the relay of their answers to the client.
 
-aiohttp is the client by measurement: in the same minimal passthrough it served ~7,000 req/s
-where httpx over its aiohttp transport served ~3,300 and plain httpx ~840 (see the README).
-One session for the gateway's life; connections are kept alive per backend.
+The request path's client is gateway/http1.py, by measurement: in the issue's minimal passthrough
+aiohttp served ~7,000 req/s where httpx over its aiohttp transport served ~3,300 and plain httpx
+~840, and in the gateway http1 costs under half of aiohttp's instructions per request
+(bench/README.md). aiohttp still reads the probes (`read_probe`). One pool for the gateway's
+life; connections are kept alive per backend.
 """
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import logging
-import math
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import msgspec
-import yarl
 
 from adapters.base import Adapter, UpstreamRequest
-from gateway import metrics
+from gateway import http1, metrics
 from gateway.errors import BackendUnavailable, GatewayError, UpstreamError, UpstreamTimeout
 from gateway.openai import DONE, Endpoint, encode, sse, usage_object
 
 log = logging.getLogger("gateway.upstream")
 MAX_URLS = 1024  # parsed backend URLs kept (gateway.upstream.Upstream._url)
-MAX_BOUNDS = 256  # timeouts kept (gateway.upstream.Upstream._bounds)
 MAX_SENDS = 8  # tries of one request on connections found dropped (Upstream._post)
 DROPPED_AT_ONCE = 1.0  # seconds: a connection dropped later than this had the request in work
 
 
 class Upstream:
     def __init__(self, *, connect_timeout: float, request_timeout: float) -> None:
-        self._timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=connect_timeout)
-        self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[tuple[str, str], yarl.URL] = {}
-        self._made: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
+        self._total = request_timeout
+        self._client = http1.Client(connect_timeout=connect_timeout)
+        self._urls: dict[tuple[str, str], http1.Target] = {}
 
     async def open(self) -> None:
-        self._session = aiohttp.ClientSession(
-            # No global cap: the admission step bounds concurrency per backend, not the pool.
-            # Idle connections are dropped after 4 s, before the runtimes' own keep-alive timeouts
-            # (llama-server's and uvicorn's are 5 s) can close one under a request.
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4, enable_cleanup_closed=True),
-            timeout=self._timeout,
-            auto_decompress=False,
-            # Headers no runtime reads; leaving them out saves work on every request.
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-            # Runtimes set no cookies; the default jar would still be searched on every request.
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        """(Connections are made as requests need them; kept ones are dropped after KEEPALIVE
+        seconds idle, before the runtimes' own keep-alive timeouts can close one under a request.)"""
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        self._client.close()
 
-    def _bounds(self, total: float | None, idle: float | None) -> aiohttp.ClientTimeout:
-        """aiohttp's timeout for a request's time left (`total`) and a stream's longest silence.
-        The time left in tenths of a second, rounded up (a deadline up to 0.1 s late), so that the
-        few values in use are made once, not per request (each costs ~7k instructions:
-        bench/count.py)."""
-        key = (math.ceil(total * 10) / 10 if total is not None else None, idle)
-        bounds = self._made.get(key)
-        if bounds is None:
-            if len(self._made) >= MAX_BOUNDS:  # retries' times left; those in use come back at once
-                self._made.clear()
-            bounds = self._made[key] = aiohttp.ClientTimeout(
-                total=self._timeout.total if key[0] is None else key[0], sock_connect=self._timeout.sock_connect,
-                sock_read=idle)
-        return bounds
-
-    def _url(self, base_url: str, path: str) -> yarl.URL:
+    def _url(self, base_url: str, path: str) -> http1.Target:
         # Parsed once per backend and path rather than on every request.
         url = self._urls.get((base_url, path))
         if url is None:
@@ -81,34 +51,32 @@ class Upstream:
                 # A managed backend gets a new port each time it starts: over months of restarts
                 # and idle stops the old ones would pile up. Those in use come back at once.
                 self._urls.clear()
-            url = self._urls[(base_url, path)] = yarl.URL(base_url + path)
+            url = self._urls[(base_url, path)] = http1.target(base_url + path)
         return url
 
     async def send(self, base_url: str, adapter: Adapter, request: UpstreamRequest, *, backend: str,
                    headers: dict[str, str], timeout: float | None = None,
-                   idle: float | None = None) -> aiohttp.ClientResponse:
+                   idle: float | None = None) -> http1.Response:
         """POST the request; a response with an error status is raised as the OpenAI error, with the
         headers the client needs to know when to come back (`_passed_on`).
 
-        `timeout` bounds the whole exchange (the request's time left); `idle`, for a stream only,
-        any silence of the backend's, before its headers or between its reads: a non-streamed
-        reply legitimately sends nothing until it is done.
+        `timeout` bounds the whole exchange (the request's time left; else server.request_timeout);
+        `idle`, for a stream only, any silence of the backend's, before its headers or between its
+        reads: a non-streamed reply legitimately sends nothing until it is done.
 
         Raises BackendUnavailable when nothing was sent (refused, reset before the answer), so
         the caller may try another backend.
         """
-        assert self._session is not None
         url, data = self._url(base_url, request.path), encode(request.body)
-        headers = {"content-type": "application/json", **headers}
-        timeouts = self._timeout if timeout is None and idle is None else self._bounds(timeout, idle)
         try:
-            resp = await self._post(url, data, headers, timeouts)
-        except asyncio.TimeoutError as exc:
+            resp = await self._post(url, data, headers, self._total if timeout is None else timeout, idle)
+        except http1.IdleTimeout:
             metrics.upstream_errors.labels(backend, "timeout").inc()
-            if isinstance(exc, aiohttp.SocketTimeoutError):
-                raise UpstreamTimeout(silent(idle)) from None
+            raise UpstreamTimeout(silent(idle)) from None
+        except TimeoutError:
+            metrics.upstream_errors.labels(backend, "timeout").inc()
             raise UpstreamTimeout("The backend for this model did not answer in time.") from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except (http1.HTTPError, OSError) as exc:
             metrics.upstream_errors.labels(backend, "connect").inc()
             failure = _failure(exc)
             # A kind _failure has no words for is logged as it is: the next one can then be named
@@ -119,7 +87,7 @@ class Upstream:
         if resp.status >= 400:
             try:
                 body = await resp.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (http1.HTTPError, TimeoutError):
                 body = b""
             finally:
                 resp.release()
@@ -129,8 +97,8 @@ class Upstream:
             raise error
         return resp
 
-    async def _post(self, url: yarl.URL, data: bytes, headers: dict[str, str],
-                    timeouts: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+    async def _post(self, url: http1.Target, data: bytes, headers: dict[str, str], timeout: float,
+                    idle: float | None) -> http1.Response:
         """The POST, sent again on another connection while the one it went on turns out dropped
         at once. That is nearly always a kept-alive connection the runtime closed (or reset, when
         our request had already reached it) just as the pool handed it out, so the runtime never
@@ -138,24 +106,24 @@ class Upstream:
         dead in turn (make bench's llama-server phase: 503s after one retry). Not one dropped after
         the runtime had the request a while (it was working on it: the caller fails over), and
         not more than MAX_SENDS times; a runtime that died refuses the new connection at once."""
-        assert self._session is not None
         for sends in range(1, MAX_SENDS + 1):
             sent_at = time.monotonic()
             try:
-                return await self._session.post(url, data=data, headers=headers, timeout=timeouts)
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                if not _dropped_connection(exc) or sends == MAX_SENDS or time.monotonic() - sent_at > DROPPED_AT_ONCE:
+                return await self._client.post(url, data, headers, timeout=timeout, idle=idle)
+            except http1.Dropped:
+                if sends == MAX_SENDS or time.monotonic() - sent_at > DROPPED_AT_ONCE:
                     raise
+                timeout -= time.monotonic() - sent_at
         raise AssertionError("unreachable")
 
     @staticmethod
-    async def read(resp: aiohttp.ClientResponse, backend: str) -> bytes:
+    async def read(resp: http1.Response, backend: str) -> bytes:
         try:
             return await resp.read()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             metrics.upstream_errors.labels(backend, "timeout").inc()
             raise UpstreamTimeout("The backend for this model did not finish in time.") from None
-        except aiohttp.ClientError as exc:
+        except http1.HTTPError as exc:
             metrics.upstream_errors.labels(backend, "stream").inc()
             log.debug("backend %s failed while answering: %r", backend, exc)
             raise BackendUnavailable(f"The backend failed while answering ({_failure(exc)}).") from None
@@ -191,12 +159,12 @@ async def read_probe(resp: aiohttp.ClientResponse, limit: int = PROBE_MAX) -> by
 RETRY_HEADERS = ("retry-after", "retry-after-ms")
 
 
-def _passed_on(headers: Mapping[str, str]) -> dict[str, str]:
+def _passed_on(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
     """The headers of an upstream error the client gets too: its retry-after. (Not a 429's
     x-ratelimit-*: those tell the gateway's own allowance at the runtime, not the client key's,
     which the gateway's x-ratelimit-* headers tell.)"""
     passed: dict[str, str] = {}
-    for name, value in headers.items():
+    for name, value in headers:
         name = name.lower()
         if name in RETRY_HEADERS:
             # Rendered as latin-1 and written as is: anything else from the runtime stays behind.
@@ -217,7 +185,7 @@ class StreamOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-async def relay_stream(resp: aiohttp.ClientResponse, adapter: Adapter, endpoint: Endpoint, *, public_model: str,
+async def relay_stream(resp: http1.Response, adapter: Adapter, endpoint: Endpoint, *, public_model: str,
                        include_usage: bool, backend: str, outcome: StreamOutcome,
                        idle: float | None = None) -> AsyncIterator[bytes]:
     """The runtime's stream -> OpenAI SSE for the client, one piece per read from the runtime.
@@ -236,19 +204,18 @@ async def relay_stream(resp: aiohttp.ClientResponse, adapter: Adapter, endpoint:
     """
     decoder = adapter.decoder(endpoint)
     decoder.hand_on(public_model, include_usage)
-    reads = resp.content.iter_any()
     last: dict[str, Any] | bytes = {}
     try:
         while True:
             out: list[dict[str, Any] | bytes] = []
             failure: Exception | None = None
             try:
-                data = await anext(reads, None)
+                data = await resp.read_any()
                 if data is None:
                     decoder.end(out)  # raises unless a last unterminated line ended the stream
                 else:
                     decoder.feed(data, out)
-            except (UpstreamError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (UpstreamError, http1.HTTPError, TimeoutError) as exc:
                 failure = exc
             parts: list[bytes] = []
             sent = 0
@@ -298,11 +265,11 @@ async def relay_stream(resp: aiohttp.ClientResponse, adapter: Adapter, endpoint:
 
 
 def _stream_error(failure: Exception, backend: str, idle: float | None) -> GatewayError:
-    kind = "timeout" if isinstance(failure, asyncio.TimeoutError) else "stream"
+    kind = "timeout" if isinstance(failure, TimeoutError) else "stream"
     metrics.upstream_errors.labels(backend, kind).inc()
     if isinstance(failure, UpstreamError):
         return failure
-    if isinstance(failure, aiohttp.SocketTimeoutError):  # send()'s `idle`, not the request's time
+    if isinstance(failure, http1.IdleTimeout):  # send()'s `idle`, not the request's time
         return UpstreamTimeout(silent(idle))
     if kind == "timeout":
         return UpstreamTimeout("The backend did not finish the stream in time.")
@@ -310,26 +277,18 @@ def _stream_error(failure: Exception, backend: str, idle: float | None) -> Gatew
     return BackendUnavailable(f"The backend failed mid-stream ({_failure(failure)}).")
 
 
-def _dropped_connection(exc: BaseException) -> bool:
-    """The connection went away under the request, closed or reset; not one that could not be
-    made (ClientConnectorError is a ClientOSError too: nobody listens, and a retry cannot help)."""
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return True
-    return isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError) and (
-        isinstance(exc, ConnectionResetError) or exc.errno in (errno.ECONNRESET, errno.EPIPE))
-
-
 def _failure(exc: BaseException) -> str:
     """What went wrong with the connection, in words a client can act on (the request's log line
-    carries it too); the exception itself, with aiohttp's class and addresses, only at debug."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        code = exc.os_error.errno  # (its strerror names the address)
-        return f"could not connect: {os.strerror(code).lower()}" if code else "could not connect"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "it closed the connection"
-    if isinstance(exc, aiohttp.ClientPayloadError):
+    carries it too); the exception itself, with its class and addresses, only at debug."""
+    if isinstance(exc, http1.ConnectFailed):
+        return f"could not connect: {os.strerror(exc.errno).lower()}" if exc.errno else "could not connect"
+    if isinstance(exc, http1.Dropped):
+        return "connection error: connection reset by peer" if exc.reset else "it closed the connection"
+    if isinstance(exc, http1.CutOff):
         return "its answer was cut off"
-    if isinstance(exc, aiohttp.ClientOSError) and exc.errno:
+    if isinstance(exc, http1.NotHTTP):
+        return "its answer was not HTTP"
+    if isinstance(exc, OSError) and exc.errno:
         return f"connection error: {os.strerror(exc.errno).lower()}"
     return UNNAMED
 

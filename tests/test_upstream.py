@@ -466,7 +466,8 @@ def test_the_parsed_urls_kept_are_bounded_as_ports_come_and_go() -> None:
     upstream = Upstream(connect_timeout=2, request_timeout=5)
     for port in range(20000, 20000 + 3 * MAX_URLS):
         url = upstream._url(f"http://127.0.0.1:{port}", "/v1/chat/completions")
-        assert str(url) == f"http://127.0.0.1:{port}/v1/chat/completions"
+        assert (url.host, url.port, url.tls) == ("127.0.0.1", port, False)
+        assert url.head.startswith(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:%d\r\n" % port)
     assert len(upstream._urls) <= MAX_URLS
     assert upstream._url("http://127.0.0.1:9", "/v1/models") is upstream._url("http://127.0.0.1:9", "/v1/models")
 
