@@ -85,7 +85,7 @@ class Gateway:
         self.affinity_header: bytes | None = None
         self._apply_routing(config.routing)
         for backend in config.backends:
-            metrics.backend_slots.labels(backend.name).set(backend.slots)
+            metrics.backend_known(backend.name, backend.runtime, backend.slots)
         self.upstream = Upstream(connect_timeout=config.server.connect_timeout,
                                  request_timeout=config.server.request_timeout)
         self.sends = SendWatch(config.server.send_timeout)
@@ -211,7 +211,7 @@ class Gateway:
             self.loads.replace(self.supervisor.backends.values())
             self.keys.set_defaults(new.limits.default)
             for backend in new.backends:
-                metrics.backend_slots.labels(backend.name).set(backend.slots)
+                metrics.backend_known(backend.name, backend.runtime, backend.slots)
             return {"reloaded": True, **summary}
 
 
@@ -235,7 +235,8 @@ def _redis_client(url: str):  # type: ignore[no-untyped-def]
     return redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=15)
 
 
-_REJECTIONS = {401: "auth", 400: "invalid", 404: "model_not_found", 413: "too_large", 503: "unavailable"}
+_REJECTIONS = {401: "auth", 400: "invalid", 404: "model_not_found", 405: "method", 413: "too_large",
+               415: "unsupported_encoding", 503: "unavailable"}
 
 
 def _render(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:

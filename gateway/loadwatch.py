@@ -50,14 +50,20 @@ class LoadWatch:
             results = await asyncio.gather(*(self._sample(b) for b in sampled), return_exceptions=True)
             for backend, result in zip(sampled, results):
                 if isinstance(result, Exception):  # a bug in reading one report must not end the watch
-                    self.loads.pop(backend.name, None)
+                    self._drop(backend)
                     log.error("load report from %s could not be read", backend.name, exc_info=result)
             await asyncio.sleep(self.interval)
+
+    def _drop(self, backend: Any) -> None:
+        """No load report from it (not ready, or none that could be read): routing and the
+        dashboards stop using its last one, which would otherwise stay for ever."""
+        if self.loads.pop(backend.name, None) is not None:
+            metrics.backend_load.remove_by_labels({"backend": backend.name})
 
     async def _sample(self, backend: Any) -> None:
         assert self._session is not None
         if not backend.ready:
-            self.loads.pop(backend.name, None)
+            self._drop(backend)
             return
         try:
             async with self._session.get(backend.url + backend.adapter.load_path,
@@ -65,10 +71,10 @@ class LoadWatch:
                 load = backend.adapter.load(resp.status, await read_probe(resp))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
             log.debug("load report from %s failed: %s", backend.name, exc)
-            self.loads.pop(backend.name, None)  # an old report would steer routing on stale news
+            self._drop(backend)  # an old report would steer routing on stale news
             return
         if load is None:
-            self.loads.pop(backend.name, None)
+            self._drop(backend)
             return
         self.loads[backend.name] = load
         runtime = backend.config.runtime

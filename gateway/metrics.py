@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -21,6 +21,9 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# The process's memory, CPU, open files and start time (process_*): a leak or a restart over
+# months shows on these first. Read at scrape time only.
+ProcessCollector(registry=REGISTRY)
 
 # LLM latencies run from milliseconds (an error, a cached prompt) to minutes (long generations).
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -139,7 +142,7 @@ REGISTRY.register(REQUESTS)
 
 upstream_errors = Counter(
     "gateway_upstream_errors_total",
-    "Failures talking to a backend, by kind (connect, timeout, status, stream, protocol).",
+    "Failures talking to a backend, by kind (connect, timeout, status: a 5xx or 429, stream).",
     ["backend", "kind"], registry=REGISTRY,
 )
 backend_state = Gauge("gateway_backend_state", "1 for the state each backend is in, 0 for the others.",
@@ -162,7 +165,9 @@ backend_load = Gauge(
 # Admission: limits and the queue.
 queue_depth = Gauge("gateway_queue_depth", "Requests waiting for admission on this replica.", ["model"],
                     registry=REGISTRY)
-queue_wait = Histogram("gateway_queue_wait_seconds", "Time a request waited for admission (admitted or not).",
+queue_wait = Histogram("gateway_queue_wait_seconds",
+                       "Time a request that had to queue waited for admission, by outcome (admitted, timeout); "
+                       "requests admitted at once are not observed.",
                        ["model", "outcome"], buckets=_LATENCY, registry=REGISTRY)
 rate_limited = Counter(
     "gateway_rate_limited_total",
@@ -171,12 +176,14 @@ rate_limited = Counter(
 )
 rejected = Counter(
     "gateway_rejected_total",
-    "Requests refused before reaching a backend, by reason (auth, invalid, model_not_found, too_large, unavailable, read_timeout).",
+    "Requests refused before reaching a backend, by reason (auth, invalid, model_not_found, method, too_large, "
+    "unsupported_encoding, unavailable, read_timeout).",
     ["reason"], registry=REGISTRY,
 )
 admission_mode = Gauge("gateway_admission_mode", "1 for the admission mode in force (redis, local, fail_closed, memory).",
                        ["mode"], registry=REGISTRY)
-redis_up = Gauge("gateway_redis_up", "1 while the shared Redis answers, 0 while the circuit is open.", registry=REGISTRY)
+redis_up = Gauge("gateway_redis_up", "1 while the shared Redis answers, 0 while the circuit is open (0 also with no Redis: "
+                 "gateway_admission_mode tells).", registry=REGISTRY)
 
 # Usage accounting (gateway/usage.py): set at each flush, so 0 on a healthy replica whatever its traffic.
 usage_unsaved = Gauge(
@@ -201,6 +208,21 @@ key_tokens = Counter("gateway_key_tokens_total", "Tokens by API key id and kind 
                      ["key_id", "kind"], registry=REGISTRY)
 
 _STATES = ("stopped", "starting", "ready", "unhealthy", "stopping", "failed")
+_RESTART_CAUSES = ("crash", "unhealthy")
+_UPSTREAM_ERRORS = ("connect", "timeout", "status", "stream")
+
+
+def backend_known(backend: str, runtime: str, slots: int) -> None:
+    """A configured backend's series, its counters at 0 from the start: a counter series born at
+    1 shows no increase() for its first event, so a first crash or upstream error would reach
+    no panel and no alert."""
+    backend_slots.labels(backend).set(slots)
+    for cause in _RESTART_CAUSES:
+        backend_restarts.labels(backend, runtime, cause)
+    for state in _STATES:
+        backend_transitions.labels(backend, runtime, state)
+    for kind in _UPSTREAM_ERRORS:
+        upstream_errors.labels(backend, kind)
 
 
 def backend_transition(backend: str, runtime: str, old: str, new: str) -> None:

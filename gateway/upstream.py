@@ -91,7 +91,8 @@ class Upstream:
                 body = b""
             finally:
                 resp.release()
-            metrics.upstream_errors.labels(backend, "status").inc()
+            if resp.status >= 500 or resp.status == 429:  # any other 4xx is the request's fault, not the backend's
+                metrics.upstream_errors.labels(backend, "status").inc()
             error = adapter.error(resp.status, body)
             error.headers.update(_passed_on(resp.headers))
             raise error

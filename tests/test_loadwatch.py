@@ -77,3 +77,22 @@ async def test_a_failing_report_is_dropped_and_a_bug_does_not_end_the_watch(repo
         assert await until(lambda: "v" not in watch.loads)
     finally:
         await watch.stop()
+
+
+def _gauge(backend_name: str) -> dict[str, float]:
+    from gateway.metrics import REGISTRY
+    return {s.labels["kind"]: s.value for family in REGISTRY.collect() if family.name == "gateway_backend_load"
+            for s in family.samples if s.labels["backend"] == backend_name}
+
+
+async def test_a_report_that_stops_takes_its_gauges_with_it(reports: Any) -> None:
+    # A dead runtime's last load must not stay on the dashboard for ever.
+    watch = LoadWatch([backend("gone", reports.url)], interval=0.05)
+    await watch.start()
+    try:
+        assert await until(lambda: _gauge("gone") == {"running": 3.0})
+        reports.body = None
+        assert await until(lambda: "gone" not in watch.loads)
+        assert _gauge("gone") == {}
+    finally:
+        await watch.stop()

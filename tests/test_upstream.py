@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from adapters.base import Adapter, UpstreamRequest
+from gateway import metrics
 from gateway.errors import BackendUnavailable, UpstreamError, UpstreamTimeout
 from gateway.upstream import MAX_SENDS, MAX_URLS, StreamOutcome, Upstream, read_probe, relay_stream
 from tests.conftest import StartGateway
@@ -190,6 +191,15 @@ async def test_a_503_keeps_its_retry_after_only() -> None:
 async def test_a_429_that_names_its_own_code_keeps_it() -> None:
     err = await _refusal(429, {}, {"error": {"message": "quota", "type": "tokens", "code": "insufficient_quota"}})
     assert (err.status, err.code, err.headers) == (429, "insufficient_quota", {})
+
+
+@pytest.mark.parametrize(("status", "counted"), [(400, 0), (404, 0), (429, 1), (500, 1), (503, 1)])
+async def test_only_the_backends_own_failures_count_as_its_upstream_errors(status: int, counted: int) -> None:
+    # A 400 (a prompt past the context, say) is the request's fault: counted as the backend's it
+    # would send the operator to a healthy runtime.
+    before = metrics.upstream_errors.labels("b", "status")._value.get()
+    await _refusal(status, {}, {"error": {"message": "no", "type": "x"}})
+    assert metrics.upstream_errors.labels("b", "status")._value.get() - before == counted
 
 
 async def test_a_header_that_could_not_be_written_back_stays_behind() -> None:

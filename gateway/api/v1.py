@@ -321,7 +321,7 @@ async def _forward(gateway: Gateway, exchange: Exchange, call: Call, lease: Leas
                 # Nothing reached the client yet: another backend of the group may take it, in
                 # the time left. Not an answer timed out on its way (its headers came): that
                 # backend was generating it, and another would only generate it again.
-                call.attempt_failed(exc.status)
+                call.attempt_failed()
                 wait = _retry_after(exc)
                 if wait is not None:  # its own capacity: it sits out what it asked, its peers go on
                     gateway.cooldowns.rest(backend.name, wait)
@@ -443,7 +443,8 @@ class Call:
     """The bookkeeping of one request: the backend it is on, and, once, at its end: metrics,
     the key's usage, the real tokens settled with the limiter, and the lease released."""
 
-    __slots__ = ("gateway", "endpoint", "request_id", "started", "route", "key_id", "lease", "backend", "finished")
+    __slots__ = ("gateway", "endpoint", "request_id", "started", "route", "key_id", "lease", "backend", "tried",
+                 "finished")
 
     def __init__(self, gateway: Gateway, endpoint: Endpoint, request_id: str) -> None:
         self.gateway, self.endpoint, self.request_id = gateway, endpoint, request_id
@@ -452,6 +453,7 @@ class Call:
         self.key_id = ""
         self.lease: Lease | None = None
         self.backend: Backend | None = None
+        self.tried = "none"  # the backend of the last failed attempt: the one a final error names
         self.finished = False
 
     @property
@@ -464,12 +466,14 @@ class Call:
         backend.inflight += 1
         metrics.REQUESTS.attempt_started(backend.name)
 
-    def attempt_failed(self, status: int) -> None:
-        """The backend's answer (or its absence: 503, 504) that sent the request to another."""
+    def attempt_failed(self) -> None:
+        """The backend failed the request, which goes to another. Not counted as a request: the
+        client gets one answer, counted once at the end, or a failover the client never saw
+        would page the 5xx alert. The failure itself is in gateway_upstream_errors_total."""
         backend = self.backend
         assert backend is not None
         self._leave(backend)
-        metrics.REQUESTS.answered(self.model, backend.name, self.endpoint, metrics.status_class(status))
+        self.tried = backend.name
         self.backend = None
 
     def _leave(self, backend: Backend) -> None:
@@ -495,7 +499,7 @@ class Call:
         its estimate stands)."""
         model, route = self.model, self.route
         assert route is not None
-        backend_name = self.backend.name if self.backend else "none"
+        backend_name = self.backend.name if self.backend else self.tried
         if self.backend is not None:
             self._leave(self.backend)
         status_class = metrics.status_class(status)

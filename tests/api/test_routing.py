@@ -380,6 +380,39 @@ def attached(servers: dict[str, _ReplicaServer], **extra: Any) -> list[dict[str,
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 
+def _series(gateway: GatewayProcess, name: str) -> dict[str, float]:
+    """A metric's non-zero series on the gateway's /metrics: their labels as written -> value."""
+    series = {}
+    for line in httpx.get(gateway.url + "/metrics").text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) + 1:].rsplit("} ", 1)
+            if float(value):
+                series[labels] = float(value)
+    return series
+
+
+def test_a_request_that_fails_over_is_counted_once_under_the_backend_that_answered(
+        start_gateway: StartGateway) -> None:
+    """The client saw one answer: counted per attempt, a failover nobody noticed would page the 5xx
+    alert. A request every backend failed is counted once, under the last one tried."""
+    with replicas(bad={"status": 500}, good={}) as servers:
+        gateway = start_gateway({"backends": attached(servers)})
+        with gateway.http(gateway.new_key()) as client:
+            on_bad = _session_for("bad", ["good"])
+            for _ in range(3):
+                r = client.post("/v1/chat/completions", json=CHAT, headers={"x-session-id": on_bad})
+                assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "good", r.text
+            assert _series(gateway, "gateway_requests_total") == {
+                'backend="good",endpoint="chat",model="m",status="2xx"': 3.0}
+            assert _series(gateway, "gateway_upstream_errors_total") == {
+                'backend="bad",kind="status"': float(servers["bad"].requests)}
+            servers["good"].behaviour.update(status=502)
+            r = client.post("/v1/chat/completions", json=CHAT, headers={"x-session-id": on_bad})
+            assert r.status_code == 502, r.text
+            failed = {k: v for k, v in _series(gateway, "gateway_requests_total").items() if 'status="5xx"' in k}
+            assert len(failed) == 1 and list(failed.values()) == [1.0] and 'backend="none"' not in next(iter(failed))
+
+
 def test_a_stream_silent_before_its_first_chunk_fails_over_and_one_stalling_mid_way_is_cut(
         start_gateway: StartGateway) -> None:
     with replicas(hung={"stall": "first"}, fine={}, stalling={"stall": "mid"}) as servers:
@@ -474,10 +507,10 @@ def test_a_replica_out_of_capacity_hands_the_request_to_another_and_sits_out_its
                 r = client.post("/v1/chat/completions", json=CHAT, headers={"x-session-id": on_busy})
                 assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "idle", r.text
             assert servers["busy"].requests == 1  # asked once, then left alone for its wait (at most routing.cooldown)
-            # Counted as the 429 it was, not as a failure of the backend's (a 5xx alert would fire).
-            busy = [line for line in httpx.get(gateway.url + "/metrics").text.splitlines()
-                    if line.startswith("gateway_requests_total{") and 'backend="busy"' in line]
-            assert len(busy) == 1 and 'status="4xx"' in busy[0] and busy[0].endswith(" 1.0"), busy
+            # Five requests, five answers from `idle`; the busy replica's 429 is its upstream error.
+            counted = _series(gateway, "gateway_requests_total")
+            assert counted == {'backend="idle",endpoint="chat",model="m",status="2xx"': 5.0}, counted
+            assert _series(gateway, "gateway_upstream_errors_total")['backend="busy",kind="status"'] == 1.0
             # The last candidate's 429 reaches the client, with its wait.
             servers["idle"].behaviour.update(status=429, retry_after=7)
             r = client.post("/v1/chat/completions", json=CHAT, headers={"x-session-id": on_busy})

@@ -78,3 +78,6 @@ def test_a_gzip_body_gets_the_openai_415(start_gateway: StartGateway) -> None:
     assert refused.status_code == 415 and refused.headers["accept-encoding"] == "identity"
     assert refused.json()["error"]["code"] == "unsupported_content_encoding"
     assert "x-request-id" in refused.headers
+    # Counted where the dashboard's refusals panel reads (it was counted nowhere).
+    scraped = httpx.get(gateway.url + "/metrics", timeout=30).text
+    assert 'gateway_rejected_total{reason="unsupported_encoding"} 1.0' in scraped.splitlines()

@@ -141,3 +141,19 @@ def test_rate_limited_counter_matches_the_refusals(llama_gateway: GatewayProcess
     assert change("gateway_rate_limited_total", model=MODEL, reason="too_large") == 3
     assert change("gateway_rate_limited_total") == 3
     assert change("gateway_prompt_tokens_total") == 0 and change("gateway_completion_tokens_total") == 0
+
+
+def test_counters_are_there_at_zero_before_their_first_event(traffic: Any) -> None:
+    # A series born at 1 shows no increase() for its first event: a first crash, restart or
+    # upstream error would reach no panel and no alert.
+    before = traffic[0]
+
+    def series(name: str, **labels: str) -> list[float]:
+        return [value for n, l, value in before if n == name and labels.items() <= l.items()]
+
+    for cause in ("crash", "unhealthy"):
+        assert series("gateway_backend_restarts_total", backend="gemma", runtime="llamacpp", cause=cause) == [0.0]
+    for kind in ("connect", "timeout", "status", "stream"):
+        assert series("gateway_upstream_errors_total", backend="gemma", kind=kind) == [0.0]
+    assert series("gateway_backend_transitions_total", backend="gemma", state="failed") == [0.0]
+
