@@ -23,7 +23,7 @@ DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yml"
 
-_NAME = re.compile(r"(?<![A-Za-z0-9_:])gateway_[A-Za-z0-9_:]*")
+_NAME = re.compile(r"(?<![A-Za-z0-9_:])(?:gateway|process)_[A-Za-z0-9_:]*")  # (process_*: the process collector)
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 
 # What prometheus-client writes for each family type (the `_created` series are left out on
@@ -51,7 +51,7 @@ def exposed_names(registry: CollectorRegistry) -> dict[str, str]:
 
 
 def metric_names(promql: str) -> set[str]:
-    """The `gateway_*` metric names a PromQL expression (or a Grafana `label_values(...)`) reads."""
+    """The `gateway_*` and `process_*` metric names a PromQL expression (or a Grafana `label_values(...)`) reads."""
     return set(_NAME.findall(_STRING.sub('""', promql)))
 
 
