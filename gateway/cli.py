@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import os
+import re
+import socket
 import sys
 from typing import Any
 
 from gateway import keys_cli, logsetup
-from gateway.config import Config, ConfigError, load
+from gateway.config import Config, ConfigError, keyless_exposure, load, warnings
 
 log = logging.getLogger("gateway")
 
@@ -51,12 +52,15 @@ def serve(args: argparse.Namespace) -> None:
     if clash:
         print(f"error: port {server.port} is also backend {clash[0]}'s fixed port.", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG)
-    if not config.auth.required and not config.auth.allow_public_without_keys and not _loopback(server.host):
-        print(f"error: auth.required is false, so the gateway only binds a loopback address, not {server.host}.\n"
-              "  Set auth.allow_public_without_keys: true to serve every client on the network without keys.",
-              file=sys.stderr)
+    if (refusal := keyless_exposure(config.auth, server.host)) is not None:  # the file's host is checked in load()
+        print(f"error: --host: {refusal}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG)
     log_config = logsetup.configure(server.log_level, server.log_format)
+    for warning in warnings(config):
+        log.warning("config: %s", warning)
+    # Bound before the lifespan starts the backends (uvicorn binds after it): a port in use is
+    # told at once, not after a model has loaded, and a restart loop reloads no model.
+    listening = _listen(server.host, server.port)
 
     import uvicorn
 
@@ -125,20 +129,30 @@ def serve(args: argparse.Namespace) -> None:
     runner = Server(uvicorn_config)
     gateway.requests = runner.server_state.tasks
     try:
-        runner.run()
+        runner.run(sockets=[listening])
     except KeyboardInterrupt:  # as uvicorn.run
         pass
     if not runner.started:  # as uvicorn.run: the start failed (its log says why)
         raise SystemExit(EXIT_STARTUP)
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def _listen(host: str, port: int) -> socket.socket:
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
+        sock.bind((host, port))
+    except OSError as exc:
+        log.error("The gateway cannot listen on %s:%d (server.host, server.port): %s", host, port,
+                  exc.strerror or exc)
+        raise SystemExit(EXIT_STARTUP) from None
+    return sock
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
+    return int(text)
 
 
 def check(args: argparse.Namespace) -> None:
@@ -146,6 +160,8 @@ def check(args: argparse.Namespace) -> None:
     print(f"config ok: {args.config or os.environ.get('GATEWAY_CONFIG')}")
     print(f"data_dir: {config.data_dir}")
     print(f"listen:   {config.server.host}:{config.server.port}")
+    print(f"store:    {_shown_store(config)}")
+    print(f"admin API: {'on' if config.admin.key else 'off (admin.key unset)'}")
     print("backends:")
     for b in config.backends:
         where = b.url if b.url else f"managed, model {b.model}"
@@ -156,6 +172,14 @@ def check(args: argparse.Namespace) -> None:
             print(f"  {name} -> {b.name}")
     for alias, target in config.models.aliases.items():
         print(f"  {alias} -> {target} (alias)")
+    for warning in warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def _shown_store(config: Config) -> str:
+    if config.store.url is None:
+        return f"embedded (SQLite, {config.data_dir / 'gateway.db'})"
+    return "redis " + re.sub(r"//[^/@\s]*@", "//***@", config.store.url)  # no password in the output
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     p_serve = sub.add_parser("serve", help="start the gateway")
     p_serve.add_argument("--config", help="config file (or GATEWAY_CONFIG)")
     p_serve.add_argument("--host", help="override server.host")
-    p_serve.add_argument("--port", type=int, help="override server.port")
+    p_serve.add_argument("--port", type=_port, help="override server.port")
     p_serve.set_defaults(func=serve)
 
     p_check = sub.add_parser("check", help="validate a config and print what it resolves to")

@@ -7,9 +7,12 @@ broken file in one go instead of one error per restart.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import shutil
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -83,7 +86,27 @@ Name = Annotated[str, Field(max_length=200), _matching(
     r"^[A-Za-z0-9][A-Za-z0-9_.:/@-]*$", "a model name (letters, digits and . _ : / @ -, starting with a letter or digit)")]
 BackendName = Annotated[str, Field(max_length=64), _matching(
     r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", "a backend name (letters, digits and . _ -, starting with a letter or digit)")]
-Url = Annotated[str, _matching(r"^https?://[^\s/]+", "an http:// or https:// URL")]
+def _base_url(value: str) -> str:
+    """A backend's base URL, to which the gateway appends the runtime's paths (/v1/..., /api/...)."""
+    shown = _USERINFO.sub("//***@", value)
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises on a port that is not a number in 0-65535
+    except ValueError as exc:
+        raise ValueError(f"{shown!r} is not a usable URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or re.search(r"\s", value):
+        raise ValueError(f"{shown!r} is not an http:// or https:// URL")
+    if port == 0:
+        raise ValueError(f"{shown!r}: port 0 is not a port a server listens on")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{shown!r}: a base URL takes no query or fragment (the gateway appends the paths)")
+    if parts.path.rstrip("/").endswith("/v1"):
+        raise ValueError(f"{shown!r}: leave out the trailing /v1, the gateway appends /v1/... itself "
+                         f"(an OpenAI SDK's base_url has it; a backend's url does not)")
+    return value
+
+
+Url = Annotated[str, AfterValidator(_base_url)]
 Origin = Annotated[str, Field(max_length=256), _matching(
     r"^(\*|https?://[^\s/]+)$", "`*` or an origin (scheme://host[:port], no path)")]
 
@@ -373,6 +396,9 @@ def _check_semantics(config: Config) -> list[str]:
         if backend.idle_ttl is not None and backend.start != "on_demand":
             problems.append(f"{at}.idle_ttl: only with `start: on_demand` (an eager backend is never stopped)")
         names = _derived_serves(backend)
+        if len(set(names)) < len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            problems.append(f"{at}.serves: {', '.join(map(repr, twice))} listed more than once")
         if not names and backend.url is not None:
             problems.append(f"{at}.serves: required for an attached backend (the model names it answers)")
         served.update(names)
@@ -386,7 +412,27 @@ def _check_semantics(config: Config) -> list[str]:
             problems.append(f"models.aliases.{alias}: already a served model name")
         if target not in served:
             problems.append(f"models.aliases.{alias}: target {target!r} is not served by any backend")
+    if (refusal := keyless_exposure(config.auth, config.server.host)) is not None:
+        problems.append(f"server.host: {refusal}")
     return problems
+
+
+def keyless_exposure(auth: AuthConfig, host: str) -> str | None:
+    """Why the gateway must not listen on `host` with these auth settings, or None. (Also checked
+    by `serve` against its --host.)"""
+    if auth.required or auth.allow_public_without_keys or _loopback(host):
+        return None
+    return (f"auth.required is false, so the gateway only binds a loopback address, not {host}; "
+            "set auth.allow_public_without_keys: true to serve every client on the network without keys")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse(raw: Any, *, base_dir: Path, env: dict[str, str] | None = None) -> Config:
@@ -407,6 +453,27 @@ def parse(raw: Any, *, base_dir: Path, env: dict[str, str] | None = None) -> Con
     return resolve_paths(config, base_dir)
 
 
+def warnings(config: Config) -> list[str]:
+    """What is valid but will not work as it stands: `check` prints these, `serve` logs them.
+    Not errors: a model file or a binary may appear before the backend starts (a mount, a pull),
+    and one broken backend must not keep the others from serving."""
+    found: list[str] = []
+    for i, backend in enumerate(config.backends):
+        at = f"backends[{i}] ({backend.name})"
+        if backend.url is None and backend.runtime == "llamacpp" and backend.model is not None:
+            if not os.access(backend.model, os.R_OK) or not Path(backend.model).is_file():
+                found.append(f"{at}.model: {backend.model} is not a readable file; the backend will fail to start")
+        if backend.url is None and backend.binary:
+            program = backend.binary if isinstance(backend.binary, str) else backend.binary[0]
+            if shutil.which(program) is None:
+                found.append(f"{at}.binary: {program} is not an executable file (nor a command on PATH)")
+    if not config.admin.key:
+        found.append("admin.key is not set: the admin API (keys, usage, reload) answers 403, so no API key "
+                     "can be issued" + (" and, with auth.required, no client can be served" if config.auth.required
+                                        else ""))
+    return found
+
+
 def resolve_paths(config: Config, base_dir: Path) -> Config:
     """Relative paths in the file are relative to the file, not to the working directory."""
 
@@ -419,10 +486,32 @@ def resolve_paths(config: Config, base_dir: Path) -> Config:
         update: dict[str, Any] = {"serves": _derived_serves(backend)}
         if backend.runtime == "llamacpp" and backend.model is not None:
             update["model"] = absolute(backend.model)
+        if backend.binary:
+            # A path (with a slash) is relative to the file; a bare name is looked up on PATH.
+            argv = [backend.binary] if isinstance(backend.binary, str) else list(backend.binary)
+            if "/" in argv[0]:
+                argv[0] = absolute(argv[0])
+            update["binary"] = argv[0] if isinstance(backend.binary, str) else argv
         backends.append(backend.model_copy(update=update))
     return config.model_copy(
         update={"data_dir": Path(absolute(str(config.data_dir))), "backends": backends}
     )
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error: YAML lets the last one win
+    silently, so a second `server:` section would drop the whole first one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: keys given beside it override the merged ones
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Config:
@@ -434,7 +523,7 @@ def load(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Con
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{file}: not UTF-8 text (byte {exc.start})"]) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.config import ConfigError, load, parse
+from gateway.config import ConfigError, load, parse, warnings
 from tests.helpers import ROOT
 
 LLAMA = {"name": "a", "runtime": "llamacpp", "model": "m.gguf"}
@@ -66,6 +67,22 @@ BROKEN: list[tuple[str, Any, list[str]]] = [
      ["store.usage_retention: expected a duration from '1d' to '36500d' (100 years)"]),
     ("usage retention past a century", {"store": {"usage_retention": float("inf")}, "backends": [LLAMA]},
      ["store.usage_retention: expected a duration from '1d' to '36500d' (100 years)"]),
+    ("urls a server cannot be reached at",
+     {"backends": [{"name": f"u{i}", "runtime": "openai", "url": url, "serves": [f"m{i}"]} for i, url in enumerate(
+         ["http://h:99999", "http://h:abc", "http://h:1?x=1", "http://h:1/v1", "https://h/openai/v1/", "http://h:0"])]},
+     ["backends[0].url: 'http://h:99999' is not a usable URL (Port out of range 0-65535)",
+      "backends[1].url: 'http://h:abc' is not a usable URL (Port could not be cast to integer value as 'abc')",
+      "backends[2].url: 'http://h:1?x=1': a base URL takes no query or fragment (the gateway appends the paths)",
+      "backends[3].url: 'http://h:1/v1': leave out the trailing /v1, the gateway appends /v1/... itself "
+      "(an OpenAI SDK's base_url has it; a backend's url does not)",
+      "backends[4].url: 'https://h/openai/v1/': leave out the trailing /v1, the gateway appends /v1/... itself "
+      "(an OpenAI SDK's base_url has it; a backend's url does not)",
+      "backends[5].url: 'http://h:0': port 0 is not a port a server listens on"]),
+    ("a name served twice by one backend", {"backends": [{**LLAMA, "serves": ["m", "n", "m"]}]},
+     ["backends[0].serves: 'm' listed more than once"]),
+    ("keys off on the network", {"auth": {"required": False}, "server": {"host": "0.0.0.0"}, "backends": [LLAMA]},
+     ["server.host: auth.required is false, so the gateway only binds a loopback address, not 0.0.0.0; "
+      "set auth.allow_public_without_keys: true to serve every client on the network without keys"]),
     ("one port twice",
      {"server": {"port": 9000}, "backends": [{**LLAMA, "port": 9000}, {**LLAMA, "name": "b", "port": 9001},
                                              {**LLAMA, "name": "c", "port": 9001}]},
@@ -181,3 +198,77 @@ def test_serve_refuses_a_port_override_that_a_backend_has(tmp_path: Path) -> Non
     refused = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", "9123"],
                              capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert refused.returncode == 2 and "port 9123 is also backend a's fixed port" in refused.stderr
+
+
+def test_a_key_given_twice_is_an_error_not_the_last_one_winning(tmp_path: Path) -> None:
+    # YAML's own rule (the last wins) dropped the whole first `server:` section without a word.
+    path = tmp_path / "gateway.yaml"
+    path.write_text("server:\n  port: 9001\nbackends:\n  - {name: a, runtime: llamacpp, model: m.gguf}\n"
+                    "server:\n  host: 0.0.0.0\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.problems == [f"{path}: not valid YAML (line 5, column 1): duplicate key 'server'"]
+
+
+def test_merged_keys_may_be_overridden_beside_the_merge(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text("backends:\n  - &llama {name: a, runtime: llamacpp, model: m.gguf, slots: 2}\n"
+                    "  - <<: *llama\n    name: b\n    slots: 4\n")
+    assert [(b.name, b.slots) for b in load(path).backends] == [("a", 2), ("b", 4)]
+
+
+def test_a_relative_binary_is_relative_to_the_config_file_a_bare_name_is_a_command() -> None:
+    config = parse({"backends": [{**LLAMA, "binary": "bin/llama-server"}, {**LLAMA, "name": "b", "binary": "llama-server"},
+                                 {**LLAMA, "name": "c", "binary": ["./py", "x.py"]}]}, base_dir=Path("/srv/gw"), env={})
+    assert [b.binary for b in config.backends] == ["/srv/gw/bin/llama-server", "llama-server", ["/srv/gw/py", "x.py"]]
+
+
+def test_what_validates_but_will_not_work_is_warned_about(tmp_path: Path) -> None:
+    model = tmp_path / "there.gguf"
+    model.write_bytes(b"GGUF")
+    config = parse({"backends": [{**LLAMA, "model": str(model), "binary": "/bin/sh"},
+                                 {**LLAMA, "name": "b", "model": "gone.gguf", "binary": "nowhere/llama-server"}]},
+                   base_dir=tmp_path, env={})
+    assert warnings(config) == [
+        f"backends[1] (b).model: {tmp_path}/gone.gguf is not a readable file; the backend will fail to start",
+        f"backends[1] (b).binary: {tmp_path}/nowhere/llama-server is not an executable file (nor a command on PATH)",
+        "admin.key is not set: the admin API (keys, usage, reload) answers 403, so no API key can be issued "
+        "and, with auth.required, no client can be served"]
+    keyed = parse({"admin": {"key": "k"}, "backends": [{**LLAMA, "model": str(model), "binary": "/bin/sh"}]},
+                  base_dir=tmp_path, env={})
+    assert warnings(keyed) == []
+
+
+def test_cli_check_says_what_will_not_work_and_still_passes(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({"backends": [{**LLAMA, "model": "gone.gguf"}]}))
+    result = subprocess.run([sys.executable, "-m", "gateway", "check", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert f"warning: backends[0] (a).model: {tmp_path}/gone.gguf is not a readable file" in result.stderr
+    assert "admin API: off (admin.key unset)" in result.stdout and "store:    embedded" in result.stdout
+
+
+def test_serve_refuses_a_port_that_is_not_one(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "backends": [LLAMA]}))
+    refused = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", "99999"],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert refused.returncode == 2 and "'99999' is not a port (0-65535)" in refused.stderr
+
+
+def test_serve_on_a_port_in_use_says_so_before_starting_any_backend(tmp_path: Path) -> None:
+    # uvicorn binds after the lifespan: a model loaded, then the exit, then (systemd) again.
+    marker = tmp_path / "started"
+    backend = {**LLAMA, "binary": [sys.executable, "-c", f"open({str(marker)!r}, 'w'); import time; time.sleep(60)"]}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "backends": [backend]}))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port)],
+                                 capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert refused.returncode == 3, refused.stderr
+    assert f"cannot listen on 127.0.0.1:{port} (server.host, server.port): Address already in use" in refused.stderr
+    assert not marker.exists()
