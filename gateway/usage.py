@@ -26,6 +26,7 @@ FLUSH_INTERVAL = 1.0
 MAX_PENDING = 100_000
 FINAL_FLUSH_TIMEOUT = 5.0  # shutdown waits this long at most for the store
 FINAL_FLUSH_RETRY_DELAY = 0.5
+REPEAT_FAILURE_AFTER = 60.0  # seconds between log lines of one store outage
 
 
 class UsageRecorder:
@@ -37,6 +38,8 @@ class UsageRecorder:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.stopped = False  # the final flush has begun (the lifespan's, or a force quit's)
+        self._failing_since: float | None = None  # flushes fail since then (monotonic)
+        self._last_said = 0.0
 
     def add(self, key_id: str, model: str, *, prompt_tokens: int = 0, completion_tokens: int = 0,
             error: bool = False) -> None:
@@ -86,12 +89,28 @@ class UsageRecorder:
                     await self._store.add_usage(self._outgoing)
                     self._outgoing = None
             except Exception as exc:  # noqa: BLE001 - keep the counts and retry next time
-                log.warning("usage flush failed (%s); %d rows kept for retry", exc, len(self._held()))
+                self._failed(exc)
                 self._drop_oldest_hour_past_max()
                 metrics.usage_unsaved.set(sum(d.requests for d in self._held()))
                 return False
             metrics.usage_unsaved.set(0)
+            if self._failing_since is not None:
+                log.warning("usage flush works again after %.0f s; everything held is stored",
+                            time.monotonic() - self._failing_since)
+                self._failing_since = None
             return True
+
+    def _failed(self, exc: Exception) -> None:
+        """Said once when flushes start failing, then once a minute while they go on: a flush a
+        second would fill the log of a Redis outage with the same line."""
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = self._last_said = now
+            log.warning("usage flush failed (%s); %d rows kept for retry", exc, len(self._held()))
+        elif now - self._last_said >= REPEAT_FAILURE_AFTER:
+            self._last_said = now
+            log.warning("usage flush still failing after %.0f s (%s); %d rows kept for retry",
+                        now - self._failing_since, exc, len(self._held()))
 
     def _seal_pending(self) -> UsageBatch:
         """The counts so far as one batch, under an id it keeps until the store takes it."""

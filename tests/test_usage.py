@@ -125,3 +125,20 @@ async def test_requests_the_store_has_not_taken_are_exported_until_it_takes_them
     recorder.add("key_1", "m")
     assert unsaved() == 0
     assert await recorder.flush() is True and unsaved() == 0
+
+
+async def test_a_store_outage_is_logged_once_a_minute_not_once_a_flush(monkeypatch: Any, caplog: Any) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(usage.time, "monotonic", lambda: clock[0])
+    store = FlakyStore(failures=70)
+    recorder = UsageRecorder(store)  # type: ignore[arg-type]
+    recorder.add("key_1", "m")
+    caplog.set_level(logging.WARNING, logger="gateway.usage")
+    for _ in range(70):  # a flush a second for 70 s
+        assert await recorder.flush() is False
+        clock[0] += 1
+    assert await recorder.flush() is True
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 3, said
+    assert said[0].startswith("usage flush failed") and said[1].startswith("usage flush still failing after 60 s")
+    assert said[2] == "usage flush works again after 70 s; everything held is stored"

@@ -123,10 +123,14 @@ class RedisStore(Store):
 
     async def key_changes(self) -> AsyncIterator[str | None]:  # type: ignore[override]
         """Pub/sub messages; after any disconnect, None first (messages may have been missed)."""
+        lost = False  # said once per outage: a resubscribe a second would fill the log of one
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.ks.keys_changed)
+                if lost:
+                    log.warning("key change feed back")
+                    lost = False
                 yield None
                 while True:
                     message = await pubsub.get_message(timeout=5.0)
@@ -134,7 +138,8 @@ class RedisStore(Store):
                         data = message["data"]
                         yield data.decode() if isinstance(data, bytes) else data
             except (RedisError, OSError) as exc:
-                log.warning("key change feed lost (%s); resubscribing", exc)
+                log.log(logging.DEBUG if lost else logging.WARNING, "key change feed lost (%s); resubscribing", exc)
+                lost = True
                 await asyncio.sleep(1.0)
             finally:
                 try:

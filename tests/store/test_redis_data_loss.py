@@ -214,3 +214,21 @@ async def test_a_redis_refusing_writes_at_start_still_opens_and_gets_its_store_i
         store_id, _ = await store.keys_version()  # the next check writes it, and that is no loss
     assert store_id is not None and await client.get(store.ks.store_id) == store_id.encode()
     assert store.data_losses == 0 and not logged(caplog, logging.ERROR, LOST)
+
+
+async def test_an_outage_of_the_key_feed_is_said_once_and_its_end_once(
+        own_redis: RedisServer, client: aioredis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    # The feed resubscribes every second: a line each time filled the log of one Redis outage.
+    store = RedisStore(client)
+    await store.open()
+    feed = store.key_changes()
+    assert await asyncio.wait_for(anext(feed), 5) is None  # subscribed
+    with caplog.at_level(logging.WARNING, logger="gateway"):
+        reader = asyncio.ensure_future(anext(feed))
+        own_redis.kill()
+        await asyncio.sleep(3.5)  # three or four resubscribes fail
+        assert len(logged(caplog, logging.WARNING, "key change feed lost")) == 1
+        own_redis.start()
+        assert await asyncio.wait_for(reader, 10) is None  # subscribed again: messages may have been missed
+        assert len(logged(caplog, logging.WARNING, "key change feed back")) == 1
+    await feed.aclose()
