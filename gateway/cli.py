@@ -56,6 +56,11 @@ def serve(args: argparse.Namespace) -> None:
         print(f"error: --host: {refusal}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG)
     log_config = logsetup.configure(server.log_level, server.log_format)
+    log.info("config %s; store: %s; admin API %s", args.config or os.environ.get("GATEWAY_CONFIG"),
+             _shown_store(config), "on" if config.admin.key else "off")
+    for b in config.backends:
+        log.info("backend %s (%s) serves %s: %s", b.name, b.runtime, ", ".join(b.serves),
+                 _no_password(b.url) if b.url else f"managed, model {b.model}")
     for warning in warnings(config):
         log.warning("config: %s", warning)
     # Bound before the lifespan starts the backends (uvicorn binds after it): a port in use is
@@ -179,7 +184,11 @@ def check(args: argparse.Namespace) -> None:
 def _shown_store(config: Config) -> str:
     if config.store.url is None:
         return f"embedded (SQLite, {config.data_dir / 'gateway.db'})"
-    return "redis " + re.sub(r"//[^/@\s]*@", "//***@", config.store.url)  # no password in the output
+    return "redis " + _no_password(config.store.url)
+
+
+def _no_password(url: str) -> str:
+    return re.sub(r"//[^/@\s]*@", "//***@", url)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -272,3 +272,6 @@ def test_serve_on_a_port_in_use_says_so_before_starting_any_backend(tmp_path: Pa
     assert refused.returncode == 3, refused.stderr
     assert f"cannot listen on 127.0.0.1:{port} (server.host, server.port): Address already in use" in refused.stderr
     assert not marker.exists()
+    # What it would have served is in the log before that, for the operator reading it.
+    assert f"store: embedded (SQLite, {tmp_path}/data/gateway.db); admin API off" in refused.stderr
+    assert "backend a (llamacpp) serves m: managed, model" in refused.stderr
