@@ -14,6 +14,7 @@ import aiohttp
 
 from adapters.base import Load
 from gateway import metrics
+from gateway.supervisor.process import auth_headers
 from gateway.upstream import read_probe
 
 log = logging.getLogger("gateway.loadwatch")
@@ -66,7 +67,7 @@ class LoadWatch:
             self._drop(backend)
             return
         try:
-            async with self._session.get(backend.url + backend.adapter.load_path,
+            async with self._session.get(backend.url + backend.adapter.load_path, headers=auth_headers(backend.config),
                                          timeout=aiohttp.ClientTimeout(total=self.interval)) as resp:
                 load = backend.adapter.load(resp.status, await read_probe(resp))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:

@@ -19,17 +19,21 @@ def _load(status: int, body: bytes) -> Load | None:
     return Load(running=float(body)) if status == 200 else None
 
 
-def backend(name: str, url: str, load_path: str | None = "/load") -> Any:
-    return SimpleNamespace(name=name, url=url, ready=True, config=SimpleNamespace(runtime="llamacpp"),
+def backend(name: str, url: str, load_path: str | None = "/load", api_key: str | None = None) -> Any:
+    return SimpleNamespace(name=name, url=url, ready=True, config=SimpleNamespace(runtime="llamacpp", api_key=api_key),
                            adapter=SimpleNamespace(load_path=load_path, load=_load))
 
 
 @pytest.fixture
 async def reports() -> Any:
-    """A runtime whose /load answers whatever the test puts in `body` (None: no answer, 500)."""
-    state = SimpleNamespace(body=b"3", url="")
+    """A runtime whose /load answers whatever the test puts in `body` (None: no answer, 500), and
+    401 without `key` once the test sets one (as llama-server's /slots under --api-key)."""
+    state = SimpleNamespace(body=b"3", url="", key=None)
 
-    async def load(_: web.Request) -> web.Response:
+    async def load(request: web.Request) -> web.Response:
+        if state.key is not None and request.headers.get("Authorization") != f"Bearer {state.key}":
+            return web.json_response({"error": {"code": 401, "message": "Invalid API Key",
+                                                "type": "authentication_error"}}, status=401)
         if state.body is None:
             return web.Response(status=500)
         return web.Response(body=state.body)
@@ -94,5 +98,18 @@ async def test_a_report_that_stops_takes_its_gauges_with_it(reports: Any) -> Non
         reports.body = None
         assert await until(lambda: "gone" not in watch.loads)
         assert _gauge("gone") == {}
+    finally:
+        await watch.stop()
+
+
+async def test_a_backend_with_a_key_is_asked_for_its_load_with_that_key(reports: Any) -> None:
+    reports.key = "sk-backend-0123456789"
+    watch = LoadWatch([backend("keyed", reports.url, api_key="sk-backend-0123456789"),
+                       backend("keyless", reports.url)], interval=0.05)
+    await watch.start()
+    try:
+        assert await until(lambda: "keyed" in watch.loads)
+        assert watch.loads["keyed"].running == 3
+        assert "keyless" not in watch.loads  # the 401 is no report: the runtime does require the key
     finally:
         await watch.stop()

@@ -45,6 +45,7 @@ from gateway.errors import (
 from gateway.openai import DONE, PATHS, Endpoint, decode_request, encode, sse, wants_usage
 from gateway.routing import Route, choose
 from gateway.sendwatch import Writer
+from gateway.supervisor.process import auth_headers
 from gateway.upstream import StreamOutcome, relay_stream
 
 if TYPE_CHECKING:
@@ -584,10 +585,7 @@ def request_id(given: str | None) -> str:
 
 
 def _upstream_headers(backend: Backend, request_id: str) -> dict[str, str]:
-    headers = {"x-request-id": request_id}
-    if backend.config.api_key:
-        headers["authorization"] = f"Bearer {backend.config.api_key}"
-    return headers
+    return {"x-request-id": request_id, **auth_headers(backend.config)}
 
 
 def _handler(endpoint: Endpoint) -> Any:

@@ -131,6 +131,13 @@ def free_port(taken: Collection[int] = ()) -> int:
     raise OSError(f"no free port outside {sorted(taken)} after 100 tries")
 
 
+def auth_headers(config: BackendConfig) -> dict[str, str]:
+    """The header a backend with an `api_key` needs on the gateway's own requests too (health
+    probes, model lists, load reports), as on the ones it forwards (api/v1.py): a keyed vLLM
+    guards /v1/*, a keyed llama-server all but /health, and a 401 there reads as broken."""
+    return {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+
+
 # --- what the owner task reads from its queue ---------------------------------------------
 
 
@@ -235,12 +242,13 @@ class RuntimeProcess:
         """Returns once stopped; `reason` is shown while it stays stopped (e.g. idle)."""
         await self._send("stop", False, reason)
 
-    async def close(self, timeout: float) -> None:
-        """Stop within `timeout`, then end the owner; whatever is left is SIGKILLed."""
+    async def close(self, timeout: float, reason: str = "gateway shutting down") -> None:
+        """Stop within `timeout`, then end the owner; whatever is left is SIGKILLed. `reason` is
+        logged with the stop: a reload retires processes too, and must not read as a shutdown."""
         if self._owner is None:
             return
         try:
-            await asyncio.wait_for(self.stop("gateway shutting down"), timeout)
+            await asyncio.wait_for(self.stop(reason), timeout)
         except (asyncio.TimeoutError, StartFailed):
             log.warning("backend %s did not stop within %gs; killing it", self.name, timeout)
         self._owner.cancel()
@@ -558,7 +566,8 @@ class RuntimeProcess:
         """One health probe: the adapter's reading, or None when nothing answered in time."""
         url = self.base_url + self.adapter.health_path
         try:
-            async with self._probes.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with self._probes.get(url, headers=auth_headers(self.config),
+                                        timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 body = await read_probe(resp)
                 try:
                     health = self.adapter.health(resp.status, body)

@@ -26,7 +26,7 @@ from gateway.config import BackendConfig, Config
 from gateway.errors import BackendUnavailable
 from gateway.supervisor.logs import BackendLog
 from gateway.supervisor.oneshot import gateway_secrets
-from gateway.supervisor.process import KEEPER_MARGIN, RuntimeProcess, StartFailed, State, free_port
+from gateway.supervisor.process import KEEPER_MARGIN, RuntimeProcess, StartFailed, State, auth_headers, free_port
 from gateway.upstream import read_probe
 
 log = logging.getLogger("gateway.supervisor")
@@ -201,7 +201,9 @@ class Supervisor:
         self._secrets = gateway_secrets(config)
         log_dir = Path(config.data_dir) / "logs"
         for name in summary["removed"] + summary["changed"]:
-            retire = self._spawn(self._retire(current.pop(name), after=self._retiring.get(name)), f"{name}-retire")
+            why = "changed by a reload" if name in wanted else "removed by a reload"
+            retire = self._spawn(self._retire(current.pop(name), why, after=self._retiring.get(name)),
+                                 f"{name}-retire")
             self._retiring[name] = retire
             retire.add_done_callback(lambda task, name=name: self._retiring.get(name) is task
                                      and self._retiring.pop(name))
@@ -219,7 +221,7 @@ class Supervisor:
         self._pulse()
         return summary
 
-    async def _retire(self, backend: Backend, after: asyncio.Task[None] | None = None) -> None:
+    async def _retire(self, backend: Backend, reason: str, after: asyncio.Task[None] | None = None) -> None:
         if after is not None:  # an earlier incarnation still going: this one ends after it
             await asyncio.gather(after, return_exceptions=True)
         for task in [t for t in self._tasks if t.get_name() == f"{backend.name}-attached"]:
@@ -228,7 +230,7 @@ class Supervisor:
             # Bounded by the requests' own timeout (server.request_timeout).
             while backend.inflight > 0:
                 await asyncio.sleep(DRAIN_POLL)
-            await backend.process.close(timeout=backend.config.stop_timeout + KEEPER_MARGIN + 2)
+            await backend.process.close(timeout=backend.config.stop_timeout + KEEPER_MARGIN + 2, reason=reason)
         backend.log.close()
         successor = self.backends.get(backend.name)  # (the reload has replaced the table by now)
         if successor is None or successor.config.runtime != backend.config.runtime:
@@ -526,7 +528,7 @@ class Supervisor:
         assert self._probes is not None
         timeout = backend.config.health_timeout
         try:
-            async with self._probes.get(backend.url + backend.adapter.health_path,
+            async with self._probes.get(backend.url + backend.adapter.health_path, headers=auth_headers(backend.config),
                                         timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 health = backend.adapter.health(resp.status, await read_probe(resp))
                 detail = f"health check answered {resp.status}"
@@ -556,7 +558,7 @@ class Supervisor:
         if path is None or self._probes is None:
             return
         try:
-            async with self._probes.get(backend.url + path,
+            async with self._probes.get(backend.url + path, headers=auth_headers(backend.config),
                                         timeout=aiohttp.ClientTimeout(total=backend.config.health_timeout)) as resp:
                 backend.missing_models = backend.adapter.missing_models(backend.config, resp.status,
                                                                         await read_probe(resp))
