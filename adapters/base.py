@@ -150,7 +150,11 @@ class Adapter:
         return UpstreamRequest(PATHS[endpoint], body)
 
     def response(self, endpoint: Endpoint, body: bytes, request: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The runtime's reply -> the OpenAI object; `request` is the client's body, as decoded."""
+        """The runtime's reply -> the OpenAI object; `request` is the client's body, as decoded.
+
+        Here only decoded, and an error it carries raised: whether it is the OpenAI object asked for
+        is the subclass's to check (shapes.openai_answer), since a runtime with its own API (Ollama)
+        builds on this with answers of its own shape."""
         try:
             data = _decode(body)
         except (msgspec.DecodeError, RecursionError):  # (nested past the stack)

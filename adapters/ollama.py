@@ -174,6 +174,12 @@ class OllamaAdapter(Adapter):
 
     def response(self, endpoint: Endpoint, body: bytes, request: dict[str, Any] | None = None) -> dict[str, Any]:
         data = super().response(endpoint, body, request)
+        field, kind = OLLAMA_ANSWERS[endpoint]
+        if not isinstance(data.get(field), kind):
+            # A `url` pointing at another service answers its own JSON with a 200 just as readily:
+            # without this, a client would get an empty answer as a success.
+            raise UpstreamError(502, f"The backend's answer is not an Ollama {PATHS[endpoint]} answer: "
+                                     f"it has no `{field}`.")
         if endpoint == "embeddings":
             return _embeddings(data, request or {})
         usage = shapes.usage(data.get("prompt_eval_count"), data.get("eval_count"))
@@ -443,6 +449,11 @@ def _tool_calls(calls: Any) -> list[dict[str, Any]]:
         out.append({"id": call.get("id") or shapes.call_id(), "type": "function",
                     "function": {"name": function.get("name") or "", "arguments": arguments}})
     return out
+
+
+# What a whole answer of each endpoint must hold (Ollama's own API).
+OLLAMA_ANSWERS: dict[str, tuple[str, type]] = {"chat": ("message", dict), "completions": ("response", str),
+                                               "embeddings": ("embeddings", list)}
 
 
 def _embeddings(data: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,8 @@ fields OpenAI defines and drop the rest (llama.cpp's `timings`, vLLM's `stop_rea
   is null, never "";
 - the first delta of a chat stream is `{"role": "assistant", "content": ""}`;
 - `system_fingerprint` is null (llama.cpp's build tag would name the runtime);
-- ids start `chatcmpl-` for chat and `cmpl-` for text completions.
+- ids start `chatcmpl-` for chat and `cmpl-` for text completions;
+- a whole (not streamed) answer without its `choices` list (embeddings: `data`) is no answer: a 502.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import time
 import uuid
 from typing import Any
+
+from gateway.errors import UpstreamError
 
 
 def new_id(prefix: str) -> str:
@@ -182,7 +185,24 @@ def _choices(data: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
 
 
+# What a whole (not streamed) answer of each endpoint must hold, and the object it then is.
+ANSWER_LISTS = {"chat": ("choices", "chat.completion"), "completions": ("choices", "text_completion"),
+                "embeddings": ("data", "embeddings list")}
+
+
+def openai_answer(endpoint: str, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` if it is the endpoint's OpenAI object, else a 502. Unchecked, any JSON object answered
+    with a 200 (`{"status": "ok"}` from a backend `url` that points at something else) would reach
+    the client as a success with no choices and no usage, and be counted as one."""
+    field, name = ANSWER_LISTS[endpoint]
+    if not isinstance(data.get(field), list):
+        raise UpstreamError(502, f"The backend's answer is not an OpenAI {name} object: it has no `{field}` list.")
+    return data
+
+
 def canonical(endpoint: str, data: dict[str, Any]) -> dict[str, Any]:
+    """A runtime's OpenAI answer, rebuilt in the one shape (a 502 if it is not one)."""
+    openai_answer(endpoint, data)
     if endpoint == "chat":
         return chat_completion(data)
     if endpoint == "completions":

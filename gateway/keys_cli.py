@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 COLUMNS = ("id", "name", "status", "prefix", "models", "rpm", "tpm", "max_concurrency", "expires_at", "last_used_at")
+SHOWN_OF_A_STRANGE_ANSWER = 160  # characters of an answer that is not the admin API's, in the one error line
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -22,7 +23,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     verbs = keys.add_subparsers(dest="verb", required=True)
 
     def limits(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--models", help="comma-separated model names the key may use (default: all)")
+        models = p.add_mutually_exclusive_group()
+        models.add_argument("--models", type=_model_list,
+                            help="comma-separated model names the key may use (default: all, see --all-models)")
+        models.add_argument("--all-models", action="store_true",
+                            help="the key may use every model (on update: lifts a --models list)")
         p.add_argument("--rpm", type=int)
         p.add_argument("--tpm", type=int)
         p.add_argument("--max-concurrency", type=int)
@@ -53,12 +58,24 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     keys.set_defaults(func=run)
 
 
+def _model_list(value: str) -> list[str]:
+    """--models as the admin API's list. One that names no model (`--models ""`) is refused: the
+    API would store `[]`, a key that may use no model at all, which no one asking for it means."""
+    models = [m.strip() for m in value.split(",") if m.strip()]
+    if not models:
+        raise argparse.ArgumentTypeError("names no model; leave --models out for all models "
+                                         "(or give --all-models, which on update lifts a list)")
+    return models
+
+
 def _fields(args: argparse.Namespace) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     if getattr(args, "name", None) is not None:
         fields["name"] = args.name
     if args.models is not None:
-        fields["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+        fields["models"] = args.models
+    elif args.all_models:
+        fields["models"] = None  # the admin API's "every model"
     for name in ("rpm", "tpm", "max_concurrency", "priority", "expires_in", "expires_at"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
@@ -97,11 +114,7 @@ def run(args: argparse.Namespace) -> None:
     except httpx.HTTPError as exc:
         print(f"error: cannot reach the gateway at {args.url}: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    data = response.json() if response.content else {}
-    if response.status_code >= 400:
-        message = data.get("error", {}).get("message", response.text) if isinstance(data, dict) else response.text
-        print(f"error: {response.status_code}: {message}", file=sys.stderr)
-        raise SystemExit(1)
+    data = _admin_answer(response, verb)
     if args.json:
         print(json.dumps(data, indent=2))
     elif verb == "list":
@@ -113,12 +126,51 @@ def run(args: argparse.Namespace) -> None:
             print(f"\nkey: {data['key']}\nStore it now: it is shown this once and never again.")
 
 
+def _admin_answer(response: httpx.Response, verb: str) -> dict[str, Any]:
+    """The admin API's answer; its error, or anything else (what a proxy or another server sent: an
+    HTML error page, a 404 of `python -m http.server`), is one line on stderr and exit status 1."""
+    try:
+        data = response.json() if response.content else {}
+    except ValueError:  # not JSON, or not even text
+        data = None
+    message = _error_message(data)
+    if response.status_code >= 400 and message is not None:
+        print(f"error: {response.status_code}: {message}", file=sys.stderr)
+        raise SystemExit(1)
+    if response.status_code >= 400 or not isinstance(data, dict) or not _is_admin_answer(data, verb):
+        print(f"error: {response.status_code} from {response.request.url}, not an answer of the gateway's admin API "
+              f"(is --url the gateway, and is it up?): {_shortened(response.text)}", file=sys.stderr)
+        raise SystemExit(1)
+    return data
+
+
+def _is_admin_answer(data: dict[str, Any], verb: str) -> bool:
+    """Enough of the admin API's shape for what is printed of it: for `list` a page of keys."""
+    return verb != "list" or (isinstance(data.get("data"), list) and isinstance(data.get("total"), int))
+
+
+def _error_message(data: Any) -> str | None:
+    """The message of an OpenAI-format error, as the admin API answers its errors; else None."""
+    error = data.get("error") if isinstance(data, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    return message if isinstance(message, str) else None
+
+
+def _shortened(text: str) -> str:
+    """An answer as part of one line: a whole HTML page would bury the status."""
+    text = " ".join(text.split())
+    if not text:
+        return "(an empty answer)"
+    return text if len(text) <= SHOWN_OF_A_STRANGE_ANSWER else text[:SHOWN_OF_A_STRANGE_ANSWER - 3] + "..."
+
+
 def _table(rows: list[dict[str, Any]]) -> None:
     def cell(value: Any) -> str:
         if value is None:
             return "-"
         if isinstance(value, list):
-            return ",".join(map(str, value))
+            # Distinct from "-" (models: every model): a key stored with `models: []` may use none.
+            return ",".join(map(str, value)) if value else "(none)"
         return str(value)
 
     cells = [[cell(row.get(c)) for c in COLUMNS] for row in rows]

@@ -139,10 +139,25 @@ def _expiry(expires_at: Any, expires_in: Any) -> float | None:
     if expires_at is not None and expires_in is not None:
         raise InvalidRequest("Give `expires_at` or `expires_in`, not both.", param="expires_in")
     if expires_in is not None:
-        return time.time() + _seconds(expires_in, "expires_in")
+        seconds = _seconds(expires_in, "expires_in")
+        if seconds == 0:  # expired the moment it is stored, as an expires_at in the past
+            raise InvalidRequest("Invalid value for 'expires_in': more than 0 seconds, or null for a key that "
+                                 "never expires.", param="expires_in")
+        return time.time() + seconds
     if expires_at is not None:
-        return _timestamp(expires_at, "expires_at")
+        return _future(_timestamp(expires_at, "expires_at"))
     return None
+
+
+def _future(expires_at: float) -> float:
+    """An expiry that has passed is refused: the key would be stored, and its secret shown, already
+    refused everywhere, a typo (a wrong year) that only its first request would find."""
+    now = time.time()
+    if expires_at <= now:  # a key expires at that instant (keys.public): "now" has passed too
+        raise InvalidRequest(f"Invalid value for 'expires_at': {keys.iso(expires_at)} is in the past (it is "
+                             f"{keys.iso(now)} now); give a time to come, or null for a key that never expires.",
+                             param="expires_at")
+    return expires_at
 
 
 def _fields(body: KeyCreate | KeyUpdate) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The admin API's input, field by field: `metadata` nested or sized past what can be stored sanely,
-limits of hundreds of digits, a usage range that ends before it starts, are each a 400 naming the
-field, with nothing stored; and a time without an offset means the same instant on every machine."""
+limits of hundreds of digits, a usage range that ends before it starts, a key's expiry that has
+already passed, are each a 400 naming the field, with nothing stored; and a time without an offset
+means the same instant on every machine."""
 
 from __future__ import annotations
 
@@ -141,6 +142,53 @@ def test_an_expiry_without_an_offset_is_utc(gateway: GatewayProcess, given: str,
     assert created.status_code == 201 and created.json()["expires_at"] == shown, created.text
     patched = gateway.admin("PATCH", f"/admin/keys/{created.json()['id']}", json={"expires_at": given})
     assert patched.status_code == 200 and patched.json()["expires_at"] == shown, patched.text
+
+
+def refused_with(response: Any, param: str, words: str) -> None:
+    error = error_of(response, 400)
+    assert (error["param"], error["type"], error["code"]) == (param, "invalid_request_error", None), error
+    assert words in error["message"], error
+
+
+@pytest.mark.parametrize("expires_at", [
+    "2020-01-01T00:00:00Z",
+    "1970-01-01",  # the earliest time there is: in range, and long past
+    "2000-01-01T00:00:00+02:00",
+    1700000000,  # unix seconds: November 2023
+    0,
+], ids=["RFC 3339", "a date", "an offset", "unix seconds", "0"])
+def test_an_expiry_in_the_past_is_refused_before_storing(gateway: GatewayProcess, expires_at: str | int) -> None:
+    before = all_keys(gateway)
+    refused_with(gateway.admin("POST", "/admin/keys", json={"name": "expired-already", "expires_at": expires_at}),
+                 "expires_at", "is in the past")
+    assert all_keys(gateway) == before  # no key was issued whose secret could never be used
+    kept = gateway.admin("POST", "/admin/keys", json={"name": "kept", "expires_in": "1d"}).json()
+    refused_with(gateway.admin("PATCH", f"/admin/keys/{kept['id']}", json={"expires_at": expires_at}),
+                 "expires_at", "is in the past")
+    shown = gateway.admin("GET", f"/admin/keys/{kept['id']}").json()
+    assert (shown["expires_at"], shown["status"]) == (kept["expires_at"], "active")
+
+
+def test_an_expiry_that_has_just_passed_is_refused_and_one_to_come_is_kept(gateway: GatewayProcess) -> None:
+    refused_with(gateway.admin("POST", "/admin/keys", json={"name": "a", "expires_at": time.time() - 1}),
+                 "expires_at", "is in the past")
+    created = gateway.admin("POST", "/admin/keys", json={"name": "a", "expires_at": time.time() + 60})
+    assert created.status_code == 201 and created.json()["status"] == "active", created.text
+    patched = gateway.admin("PATCH", f"/admin/keys/{created.json()['id']}", json={"expires_at": time.time() + 120})
+    assert patched.status_code == 200 and patched.json()["status"] == "active", patched.text
+    lifted = gateway.admin("PATCH", f"/admin/keys/{created.json()['id']}", json={"expires_at": None})
+    assert lifted.status_code == 200 and lifted.json()["expires_at"] is None, lifted.text
+
+
+@pytest.mark.parametrize("expires_in", [0, "0", "0s", "0.0d"], ids=["0", "'0'", "'0s'", "'0.0d'"])
+def test_an_expiry_of_no_time_at_all_is_refused(gateway: GatewayProcess, expires_in: str | int) -> None:
+    # Expired the moment it is stored, as an expiry in the past.
+    refused_with(gateway.admin("POST", "/admin/keys", json={"name": "a", "expires_in": expires_in}),
+                 "expires_in", "more than 0 seconds")
+    kept = gateway.admin("POST", "/admin/keys", json={"name": "kept"}).json()
+    refused_with(gateway.admin("PATCH", f"/admin/keys/{kept['id']}", json={"expires_in": expires_in}),
+                 "expires_in", "more than 0 seconds")
+    assert gateway.admin("GET", f"/admin/keys/{kept['id']}").json()["expires_at"] is None
 
 
 def test_usage_times_without_an_offset_are_utc(gateway: GatewayProcess) -> None:
