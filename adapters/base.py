@@ -117,8 +117,19 @@ class Adapter:
         return None
 
     def missing_models(self, backend: BackendConfig, status: int, body: bytes) -> list[str]:
-        """Parse the answer from `models_path`: which of the backend's `serves` it does not have."""
-        return []
+        """Parse the answer from `models_path`: which of the backend's `serves` it does not have.
+        Here OpenAI's list (`{"data": [{"id": ...}]}`); an answer that is not one tells nothing."""
+        if status != 200:
+            return []
+        try:
+            data = _decode(body)
+        except (msgspec.DecodeError, RecursionError):
+            return []
+        listed = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(listed, list):
+            return []
+        ids = {m.get("id") for m in listed if isinstance(m, dict)}
+        return [name for name in backend.serves if name not in ids]
 
     def health(self, status: int, body: bytes) -> Health:
         if status == 200:

@@ -13,6 +13,7 @@ class OpenAICompatibleAdapter(Adapter):
     runtime = "openai"
     owned_by = "openai"
     health_path = "/v1/models"
+    models_path = "/v1/models"  # its `serves` checked against the list once it is ready (attached only)
 
     def response(self, endpoint: Endpoint, body: bytes, request: dict[str, Any] | None = None) -> dict[str, Any]:
         # Passed through as it came, but only if it is the OpenAI object asked for: a `url` that

@@ -23,6 +23,9 @@ class VllmAdapter(Adapter):
     owned_by = "vllm"
     health_path = "/health"
     load_path = "/metrics"
+    # An attached vLLM's `serves` checked against its --served-model-name list once it is ready
+    # (a managed one is started with them).
+    models_path = "/v1/models"
 
     def launch(self, backend: BackendConfig, port: int) -> Launch:
         assert backend.model is not None

@@ -567,7 +567,8 @@ class Supervisor:
             return
         if backend.missing_models:
             log.warning("backend %s does not have %s, which the config lists in `serves`; requests for them "
-                        "get 503 model_not_installed until it does", backend.name, ", ".join(backend.missing_models))
+                        "fail until it does (check the names: the runtime's own, as its model list gives them)",
+                        backend.name, ", ".join(backend.missing_models))
 
     async def _watch_attached(self, backend: Backend) -> None:
         while True:
