@@ -55,6 +55,10 @@ class NotHTTP(HTTPError):
     """The answer is not HTTP/1.x the parser can read."""
 
 
+class Unasked(HTTPError):
+    """The server sent more than the answer to the request (never raised to a caller)."""
+
+
 class ConnectTimeout(HTTPError, TimeoutError):
     """No connection within the connect timeout."""
 
@@ -217,9 +221,8 @@ class Response:
         self.status, self._framed, self._headers_done = status, framed, True
         self._wake()
 
-    def _on_body(self, body: bytes) -> None:
-        self._parts.append(body)
-        self._size += len(body)
+    def _received(self) -> None:
+        """After each socket read (not each HTTP chunk: a read holds a whole stream under load)."""
         if self._size > HIGH_WATER and not self._whole and not self._conn.paused:
             self._conn.pause()  # a client that reads slowly holds the runtime back, not our memory
         if self._idle is not None:
@@ -284,10 +287,17 @@ class Connection(asyncio.Protocol):
         if self.response is None:
             self.close()  # bytes nobody asked for: whatever the server meant, the connection is unusable
             return
+        response = self.response
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.response._fail(NotHTTP(f"the answer is not HTTP: {exc}"))
+            if response._complete:  # bytes after the answer: the connection cannot carry another
+                self.keep_alive = False
+                self.close()
+            else:
+                response._fail(NotHTTP(f"the answer is not HTTP: {exc}"))
+            return
+        response._received()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: connection_lost tells the answer
@@ -322,6 +332,8 @@ class Connection(asyncio.Protocol):
 
     # httptools callbacks
     def on_message_begin(self) -> None:
+        if self.response is not None and self.response._complete:
+            raise Unasked("a second answer to one request")  # stops the parser: nothing of it is taken
         self._headers, self._framed = [], False
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -337,8 +349,10 @@ class Connection(asyncio.Protocol):
             response._on_headers(self.parser.get_status_code(), self._framed)
 
     def on_body(self, body: bytes) -> None:
-        if self.response is not None:
-            self.response._on_body(body)
+        # Once per HTTP chunk (a token, from a streaming runtime): as little as can be.
+        response = self.response
+        response._parts.append(body)  # type: ignore[union-attr]  # (set for as long as bytes are read)
+        response._size += len(body)  # type: ignore[union-attr]
 
     def on_message_complete(self) -> None:
         # Read here: llhttp forgets the answer's `connection` header once it is over.

@@ -384,3 +384,23 @@ async def test_an_https_backend_is_spoken_to_over_tls(tmp_path: pathlib.Path) ->
     finally:
         client.close()
         server.close()
+
+
+async def test_bytes_after_the_answer_are_not_taken_and_the_connection_is_not_used_again() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await _request(reader)
+            writer.write(_reply(b'{"first":1}') + _reply(b'{"unasked":2}'))  # one request, two answers
+            await writer.drain()
+
+    server, port, connections = await _serve(handle)
+    client = http1.Client(connect_timeout=2)
+    try:
+        for _ in range(2):
+            resp = await client.post(_to(port), b"{}", {}, timeout=5)
+            assert await resp.read() == b'{"first":1}'
+            resp.release()
+    finally:
+        client.close()
+        server.close()
+    assert len(connections) == 2
