@@ -142,7 +142,7 @@ class Response:
     # --- what the caller reads
 
     async def read(self) -> bytes:
-        """The whole body (then the connection is released)."""
+        """The whole body (the caller then releases it)."""
         self._whole = True
         if self._conn.paused:
             self._conn.resume()
@@ -420,6 +420,10 @@ class Client:
             if not conn.closed and now - conn.idle_since < KEEPALIVE:
                 return conn
             conn.close()
+        if idle is not None:
+            # Emptied: a managed backend gets a new port at each start, and over months of
+            # restarts the old ports' entries would pile up.
+            del self._idle[key]
         return None
 
     def _put(self, conn: Connection) -> None:

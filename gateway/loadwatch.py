@@ -14,8 +14,7 @@ import aiohttp
 
 from adapters.base import Load
 from gateway import metrics
-from gateway.supervisor.process import auth_headers
-from gateway.upstream import read_probe
+from gateway.upstream import auth_headers, read_probe
 
 log = logging.getLogger("gateway.loadwatch")
 

@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import msgspec
@@ -23,6 +23,9 @@ from adapters.base import Adapter, UpstreamRequest
 from gateway import http1, metrics
 from gateway.errors import BackendUnavailable, GatewayError, UpstreamError, UpstreamTimeout
 from gateway.openai import DONE, Endpoint, encode, sse, usage_object
+
+if TYPE_CHECKING:
+    from gateway.config import BackendConfig
 
 log = logging.getLogger("gateway.upstream")
 MAX_URLS = 1024  # parsed backend URLs kept (gateway.upstream.Upstream._url)
@@ -130,6 +133,13 @@ class Upstream:
             raise BackendUnavailable(f"The backend failed while answering ({_failure(exc)}).") from None
         finally:
             resp.release()
+
+
+def auth_headers(config: BackendConfig) -> dict[str, str]:
+    """The header a backend with an `api_key` needs, on the requests the gateway forwards and on its
+    own (health probes, model lists, load reports): a keyed vLLM guards /v1/*, a keyed llama-server
+    all but /health, and a 401 there reads as broken."""
+    return {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
 
 
 def silent(idle: float | None) -> str:

@@ -404,3 +404,19 @@ async def test_bytes_after_the_answer_are_not_taken_and_the_connection_is_not_us
         client.close()
         server.close()
     assert len(connections) == 2
+
+
+async def test_the_pool_keeps_no_entry_for_a_port_it_has_no_connection_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A managed backend gets a new port at each start: months of restarts must not pile up.
+    monkeypatch.setattr(http1, "KEEPALIVE", 0.1)
+    client = http1.Client(connect_timeout=2)
+    for _ in range(3):
+        server, port, _ = await _serve(_echo_forever)
+        resp = await client.post(_to(port), b"{}", {}, timeout=5)
+        await resp.read()
+        resp.release()
+        server.close()
+        await asyncio.sleep(0.2)
+        assert client._take((("127.0.0.1", port, False)), asyncio.get_running_loop().time()) is None
+    assert client._idle == {}
+    client.close()

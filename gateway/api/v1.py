@@ -45,8 +45,7 @@ from gateway.errors import (
 from gateway.openai import DONE, PATHS, Endpoint, decode_request, encode, sse, wants_usage
 from gateway.routing import Route, choose
 from gateway.sendwatch import Writer
-from gateway.supervisor.process import auth_headers
-from gateway.upstream import StreamOutcome, relay_stream
+from gateway.upstream import StreamOutcome, auth_headers, relay_stream
 
 if TYPE_CHECKING:
     from gateway.app import Gateway

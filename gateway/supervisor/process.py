@@ -64,7 +64,7 @@ from adapters.base import Adapter, Health, Launch
 from gateway import metrics
 from gateway.supervisor.logs import BackendLog
 from gateway.supervisor.oneshot import child_env, describe_status, keeper_argv, run_logged
-from gateway.upstream import read_probe
+from gateway.upstream import auth_headers, read_probe
 
 if TYPE_CHECKING:
     from gateway.config import BackendConfig
@@ -129,13 +129,6 @@ def free_port(taken: Collection[int] = ()) -> int:
         if port not in taken:
             return port
     raise OSError(f"no free port outside {sorted(taken)} after 100 tries")
-
-
-def auth_headers(config: BackendConfig) -> dict[str, str]:
-    """The header a backend with an `api_key` needs on the gateway's own requests too (health
-    probes, model lists, load reports), as on the ones it forwards (api/v1.py): a keyed vLLM
-    guards /v1/*, a keyed llama-server all but /health, and a 401 there reads as broken."""
-    return {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
 
 
 # --- what the owner task reads from its queue ---------------------------------------------

@@ -26,8 +26,8 @@ from gateway.config import BackendConfig, Config
 from gateway.errors import BackendUnavailable
 from gateway.supervisor.logs import BackendLog
 from gateway.supervisor.oneshot import gateway_secrets
-from gateway.supervisor.process import KEEPER_MARGIN, RuntimeProcess, StartFailed, State, auth_headers, free_port
-from gateway.upstream import read_probe
+from gateway.supervisor.process import KEEPER_MARGIN, RuntimeProcess, StartFailed, State, free_port
+from gateway.upstream import auth_headers, read_probe
 
 log = logging.getLogger("gateway.supervisor")
 
