@@ -151,6 +151,9 @@ def _listen(host: str, port: int) -> socket.socket:
         log.error("The gateway cannot listen on %s:%d (server.host, server.port): %s", host, port,
                   exc.strerror or exc)
         raise SystemExit(EXIT_STARTUP) from None
+    # (uvicorn given a socket does not say where it listens)
+    shown = f"[{host}]" if ":" in host else host
+    log.info("listening on http://%s:%d (answering once started)", shown, sock.getsockname()[1])
     return sock
 
 

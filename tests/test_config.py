@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from gateway.config import ConfigError, load, parse, warnings
-from tests.helpers import ROOT
+from tests.helpers import ROOT, free_port
 
 LLAMA = {"name": "a", "runtime": "llamacpp", "model": "m.gguf"}
 
@@ -275,3 +275,22 @@ def test_serve_on_a_port_in_use_says_so_before_starting_any_backend(tmp_path: Pa
     # What it would have served is in the log before that, for the operator reading it.
     assert f"store: embedded (SQLite, {tmp_path}/data/gateway.db); admin API off" in refused.stderr
     assert "backend a (llamacpp) serves m: managed, model" in refused.stderr
+
+
+def test_serve_says_where_it_listens(tmp_path: Path) -> None:
+    # uvicorn, given the socket serve binds early, no longer says it.
+    port = free_port()
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "backends": [
+        {"name": "f", "runtime": "openai", "url": "http://127.0.0.1:9", "serves": ["m"]}]}))
+    with subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port)],
+                          stderr=subprocess.PIPE, text=True, cwd=ROOT) as served:
+        try:
+            said = ""
+            for line in served.stderr:  # (bounded: the test's timeout)
+                said += line
+                if "listening on" in line:
+                    break
+            assert f"listening on http://127.0.0.1:{port} (answering once started)" in said
+        finally:
+            served.terminate()
