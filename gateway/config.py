@@ -385,6 +385,9 @@ def _check_semantics(config: Config) -> list[str]:
             problems.append(f"{at}: set exactly one of `model` (a managed process) or `url` (an attached server)")
         if backend.runtime == "openai" and backend.url is None:
             problems.append(f"{at}.url: required for runtime 'openai' (the gateway cannot spawn it)")
+        if backend.url is not None and backend.api_key is not None and _USERINFO.search(backend.url):
+            # Both would be the one Authorization header (the probes' client refuses the pair).
+            problems.append(f"{at}: give the backend's credentials once, as `api_key` or as the url's user:password")
         if backend.url is not None:
             for field in ("binary", "port", "gpus", "group", "idle_ttl"):
                 if getattr(backend, field) is not None:

@@ -78,6 +78,9 @@ BROKEN: list[tuple[str, Any, list[str]]] = [
       "backends[4].url: 'https://h/openai/v1/': leave out the trailing /v1, the gateway appends /v1/... itself "
       "(an OpenAI SDK's base_url has it; a backend's url does not)",
       "backends[5].url: 'http://h:0': port 0 is not a port a server listens on"]),
+    ("credentials twice", {"backends": [{"name": "a", "runtime": "openai", "url": "http://me:pw@h:1", "serves": ["m"],
+                                         "api_key": "sk-1"}]},
+     ["backends[0]: give the backend's credentials once, as `api_key` or as the url's user:password"]),
     ("a name served twice by one backend", {"backends": [{**LLAMA, "serves": ["m", "n", "m"]}]},
      ["backends[0].serves: 'm' listed more than once"]),
     ("keys off on the network", {"auth": {"required": False}, "server": {"host": "0.0.0.0"}, "backends": [LLAMA]},
