@@ -35,7 +35,11 @@ class ConnectFailed(HTTPError):
 
     def __init__(self, error: OSError) -> None:
         super().__init__(str(error))
-        self.errno = error.errno
+        # A TLS failure's errno is the TLS library's code, not an OS error number: its reason says it.
+        self.tls_reason: str | None = None
+        if isinstance(error, ssl.SSLError):
+            self.tls_reason = error.reason or "handshake failed"
+        self.errno = None if self.tls_reason else error.errno
 
 
 class Dropped(HTTPError):

@@ -292,6 +292,8 @@ def _failure(exc: BaseException) -> str:
     """What went wrong with the connection, in words a client can act on (the request's log line
     carries it too); the exception itself, with its class and addresses, only at debug."""
     if isinstance(exc, http1.ConnectFailed):
+        if exc.tls_reason:
+            return f"could not connect: TLS: {exc.tls_reason.replace('_', ' ').lower()}"
         return f"could not connect: {os.strerror(exc.errno).lower()}" if exc.errno else "could not connect"
     if isinstance(exc, http1.Dropped):
         return "connection error: connection reset by peer" if exc.reset else "it closed the connection"

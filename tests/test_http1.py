@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from gateway import http1
+from gateway import http1, upstream
 from tests.helpers import free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -375,8 +375,11 @@ async def test_an_https_backend_is_spoken_to_over_tls(tmp_path: pathlib.Path) ->
     client = http1.Client(connect_timeout=2)
     to = http1.target(f"https://localhost:{port}/v1/x")
     try:
-        with pytest.raises(http1.ConnectFailed):  # a certificate nobody vouches for is refused
+        with pytest.raises(http1.ConnectFailed) as refused:  # a certificate nobody vouches for is refused
             await client.post(to, b"{}", {}, timeout=5)
+        # Said as TLS, not as the OS error its library code would read as (1: "operation not permitted").
+        assert refused.value.errno is None and refused.value.tls_reason == "CERTIFICATE_VERIFY_FAILED"
+        assert upstream._failure(refused.value) == "could not connect: TLS: certificate verify failed"
         client._tls = ssl.create_default_context(cafile=str(cert))
         resp = await client.post(to, b'{"over":"tls"}', {}, timeout=5)
         assert await resp.read() == b'{"over":"tls"}'
