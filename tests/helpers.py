@@ -35,6 +35,22 @@ def all_keys(gateway: GatewayProcess) -> list[dict[str, Any]]:
     return r.json()["data"]  # type: ignore[no-any-return]
 
 
+@contextlib.contextmanager
+def serving(handler: Any) -> Iterator[str]:
+    """An http.server handler (class, or a factory such as functools.partial) served on a free
+    port in a thread of its own: its URL, until the block ends."""
+    from http.server import ThreadingHTTPServer
+    import threading
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

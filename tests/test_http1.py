@@ -4,11 +4,12 @@ its limits, every way an answer can end or fail, and its bounds on time and memo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import pathlib
 import ssl
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -33,6 +34,18 @@ async def _serve(handle: Handler) -> tuple[asyncio.AbstractServer, int, list[int
 
     server = await asyncio.start_server(counted, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1], connections
+
+
+@contextlib.asynccontextmanager
+async def _talking_to(handle: Handler) -> AsyncIterator[tuple[http1.Client, int, list[int]]]:
+    """A client, and the port of a server running `handle` (_serve), both closed at the end."""
+    server, port, connections = await _serve(handle)
+    client = http1.Client(connect_timeout=2)
+    try:
+        yield client, port, connections
+    finally:
+        client.close()
+        server.close()
 
 
 async def _request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
@@ -67,15 +80,10 @@ async def test_the_request_is_a_post_with_its_headers_and_length() -> None:
         writer.write(_reply(b"{}"))
         await writer.drain()
 
-    server, port, _ = await _serve(handle)
-    client = http1.Client(connect_timeout=2)
-    try:
+    async with _talking_to(handle) as (client, port, _):
         resp = await client.post(_to(port, "/v1/chat/completions?x=1"), b'{"a":1}', {"x-request-id": "r1"}, timeout=5)
         assert await resp.read() == b"{}" and resp.status == 200
         resp.release()
-    finally:
-        client.close()
-        server.close()
     assert seen == [b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nhost: 127.0.0.1:%d\r\n"
                     b"content-type: application/json\r\nx-request-id: r1\r\ncontent-length: 7\r\n\r\n"
                     b'{"a":1}' % port]
@@ -97,16 +105,11 @@ async def test_a_header_with_a_line_break_never_goes_out() -> None:
 
 
 async def test_one_connection_serves_request_after_request() -> None:
-    server, port, connections = await _serve(_echo_forever)
-    client = http1.Client(connect_timeout=2)
-    try:
+    async with _talking_to(_echo_forever) as (client, port, connections):
         for n in range(5):
             resp = await client.post(_to(port), b'{"n":%d}' % n, {}, timeout=5)
             assert await resp.read() == b'{"n":%d}' % n
             resp.release()
-    finally:
-        client.close()
-        server.close()
     assert len(connections) == 1
 
 
@@ -117,32 +120,22 @@ async def test_a_connection_the_server_will_close_is_not_used_again() -> None:
         await writer.drain()
         await asyncio.sleep(1)  # not closed yet when the next request goes out
 
-    server, port, connections = await _serve(handle)
-    client = http1.Client(connect_timeout=2)
-    try:
+    async with _talking_to(handle) as (client, port, connections):
         for _ in range(2):
             resp = await client.post(_to(port), b"{}", {}, timeout=5)
             await resp.read()
             resp.release()
-    finally:
-        client.close()
-        server.close()
     assert len(connections) == 2
 
 
 async def test_a_connection_idle_past_the_keepalive_is_not_used_again(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(http1, "KEEPALIVE", 0.2)
-    server, port, connections = await _serve(_echo_forever)
-    client = http1.Client(connect_timeout=2)
-    try:
+    async with _talking_to(_echo_forever) as (client, port, connections):
         for pause in (0, 0.05, 0.4):
             await asyncio.sleep(pause)
             resp = await client.post(_to(port), b"{}", {}, timeout=5)
             await resp.read()
             resp.release()
-    finally:
-        client.close()
-        server.close()
     assert len(connections) == 2  # reused after 0.05 s, not after 0.4 s
 
 
@@ -153,16 +146,11 @@ async def test_an_answer_released_before_its_end_closes_its_connection() -> None
             writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
             await writer.drain()
 
-    server, port, connections = await _serve(handle)
-    client = http1.Client(connect_timeout=2)
-    try:
+    async with _talking_to(handle) as (client, port, connections):
         for _ in range(2):
             resp = await client.post(_to(port), b"{}", {}, timeout=5)
             assert await resp.read_any() == b"hello"
             resp.release()
-    finally:
-        client.close()
-        server.close()
     assert len(connections) == 2
 
 
@@ -175,15 +163,10 @@ async def test_a_body_without_length_or_chunks_ends_with_the_connection() -> Non
         writer.write(b"true}")
         await writer.drain()
 
-    server, port, _ = await _serve(handle)
-    client = http1.Client(connect_timeout=2)
-    try:
+    async with _talking_to(handle) as (client, port, _):
         resp = await client.post(_to(port), b"{}", {}, timeout=5)
         assert await resp.read() == b'{"whole":true}'
         resp.release()
-    finally:
-        client.close()
-        server.close()
 
 
 @pytest.mark.parametrize("framing", [b"content-length: 100\r\n\r\n{\"cut", b"transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"],
@@ -194,16 +177,11 @@ async def test_an_answer_cut_off_is_an_error_not_a_short_body(framing: bytes) ->
         writer.write(b"HTTP/1.1 200 OK\r\n" + framing)
         await writer.drain()
 
-    server, port, _ = await _serve(handle)
-    client = http1.Client(connect_timeout=2)
-    try:
+    async with _talking_to(handle) as (client, port, _):
         resp = await client.post(_to(port), b"{}", {}, timeout=5)
         with pytest.raises(http1.CutOff):
             await resp.read()
         resp.release()
-    finally:
-        client.close()
-        server.close()
 
 
 async def test_an_answer_that_is_not_http_is_named_so() -> None:
@@ -213,29 +191,19 @@ async def test_an_answer_that_is_not_http_is_named_so() -> None:
         await writer.drain()
         await asyncio.sleep(1)
 
-    server, port, _ = await _serve(handle)
-    client = http1.Client(connect_timeout=2)
-    try:
+    async with _talking_to(handle) as (client, port, _):
         with pytest.raises(http1.NotHTTP):
             await client.post(_to(port), b"{}", {}, timeout=5)
-    finally:
-        client.close()
-        server.close()
 
 
 async def test_a_server_that_closes_without_answering_dropped_the_request() -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _request(reader)
 
-    server, port, _ = await _serve(handle)
-    client = http1.Client(connect_timeout=2)
-    try:
+    async with _talking_to(handle) as (client, port, _):
         with pytest.raises(http1.Dropped) as caught:
             await client.post(_to(port), b"{}", {}, timeout=5)
         assert not caught.value.reset
-    finally:
-        client.close()
-        server.close()
 
 
 async def test_nobody_listening_fails_to_connect_with_its_errno() -> None:
@@ -250,15 +218,10 @@ async def test_a_server_that_never_answers_is_bounded_by_the_timeout() -> None:
         await _request(reader)
         await asyncio.sleep(30)
 
-    server, port, _ = await _serve(handle)
-    client = http1.Client(connect_timeout=2)
-    started = asyncio.get_running_loop().time()
-    try:
+    async with _talking_to(handle) as (client, port, _):
+        started = asyncio.get_running_loop().time()
         with pytest.raises(http1.DeadlineExceeded):
             await client.post(_to(port), b"{}", {}, timeout=0.3)
-    finally:
-        client.close()
-        server.close()
     assert asyncio.get_running_loop().time() - started < 5
 
 
@@ -271,17 +234,12 @@ async def test_the_timeout_bounds_the_body_too() -> None:
             await writer.drain()
             await asyncio.sleep(0.05)
 
-    server, port, _ = await _serve(handle)
-    client = http1.Client(connect_timeout=2)
-    try:
+    async with _talking_to(handle) as (client, port, _):
         resp = await client.post(_to(port), b"{}", {}, timeout=0.5, idle=0.2)
         with pytest.raises(http1.DeadlineExceeded):
             while await resp.read_any() is not None:
                 pass
         resp.close()
-    finally:
-        client.close()
-        server.close()
 
 
 async def test_idle_counts_only_while_the_caller_waits() -> None:
@@ -293,9 +251,7 @@ async def test_idle_counts_only_while_the_caller_waits() -> None:
         await writer.drain()
         await asyncio.sleep(30)
 
-    server, port, _ = await _serve(handle)
-    client = http1.Client(connect_timeout=2)
-    try:
+    async with _talking_to(handle) as (client, port, _):
         resp = await client.post(_to(port), b"{}", {}, timeout=10, idle=0.2)
         await asyncio.sleep(0.6)  # busy: three idle bounds pass without a wait
         assert await resp.read_any() == b"first"
@@ -304,9 +260,6 @@ async def test_idle_counts_only_while_the_caller_waits() -> None:
             await resp.read_any()
         assert 0.15 < asyncio.get_running_loop().time() - started < 2
         resp.close()
-    finally:
-        client.close()
-        server.close()
 
 
 async def test_a_stream_nobody_reads_stops_being_read_and_loses_nothing() -> None:
@@ -321,9 +274,7 @@ async def test_a_stream_nobody_reads_stops_being_read_and_loses_nothing() -> Non
         writer.write(b"0\r\n\r\n")
         await writer.drain()
 
-    server, port, _ = await _serve(handle)
-    client = http1.Client(connect_timeout=2)
-    try:
+    async with _talking_to(handle) as (client, port, _):
         resp = await client.post(_to(port), b"{}", {}, timeout=10)
         await asyncio.sleep(0.3)
         held = resp._size
@@ -334,9 +285,6 @@ async def test_a_stream_nobody_reads_stops_being_read_and_loses_nothing() -> Non
         body = b"".join(got)
         assert body == b"".join(bytes([65 + n % 26]) * 1024 for n in range(total // 1024))
         resp.release()
-    finally:
-        client.close()
-        server.close()
 
 
 async def test_a_urls_user_and_password_go_as_basic_auth_unless_the_request_has_its_own() -> None:
@@ -349,17 +297,12 @@ async def test_a_urls_user_and_password_go_as_basic_auth_unless_the_request_has_
             writer.write(_reply(b"{}"))
             await writer.drain()
 
-    server, port, _ = await _serve(handle)
-    client = http1.Client(connect_timeout=2)
-    to = http1.target(f"http://us%40er:p%3Ass@127.0.0.1:{port}/v1/x")
-    try:
+    async with _talking_to(handle) as (client, port, _):
+        to = http1.target(f"http://us%40er:p%3Ass@127.0.0.1:{port}/v1/x")
         for headers in ({}, {"authorization": "Bearer sk-1"}):
             resp = await client.post(to, b"{}", headers, timeout=5)
             await resp.read()
             resp.release()
-    finally:
-        client.close()
-        server.close()
     assert seen == [b"authorization: Basic dXNAZXI6cDpzcw==", b"authorization: Bearer sk-1"]  # us@er:p:ss
 
 
@@ -396,16 +339,11 @@ async def test_bytes_after_the_answer_are_not_taken_and_the_connection_is_not_us
             writer.write(_reply(b'{"first":1}') + _reply(b'{"unasked":2}'))  # one request, two answers
             await writer.drain()
 
-    server, port, connections = await _serve(handle)
-    client = http1.Client(connect_timeout=2)
-    try:
+    async with _talking_to(handle) as (client, port, connections):
         for _ in range(2):
             resp = await client.post(_to(port), b"{}", {}, timeout=5)
             assert await resp.read() == b'{"first":1}'
             resp.release()
-    finally:
-        client.close()
-        server.close()
     assert len(connections) == 2
 
 

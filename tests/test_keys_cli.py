@@ -7,16 +7,15 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import StartGateway
-from tests.helpers import ADMIN_KEY, ROOT, free_port
+from tests.helpers import ADMIN_KEY, ROOT, free_port, serving
 
 
 def cli(gateway_url: str, *args: str, admin_key: str | None = ADMIN_KEY) -> subprocess.CompletedProcess[str]:
@@ -90,13 +89,8 @@ class _NotTheGateway(SimpleHTTPRequestHandler):
 @pytest.fixture
 def not_the_gateway(tmp_path: Path) -> Iterator[tuple[str, type[_NotTheGateway]]]:
     handler = type("Handler", (_NotTheGateway,), {"seen": [], "page_status": None})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(tmp_path)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", handler
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(functools.partial(handler, directory=str(tmp_path))) as url:
+        yield url, handler
 
 
 def assert_one_error_line(result: subprocess.CompletedProcess[str], status: int) -> None:

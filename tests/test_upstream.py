@@ -8,8 +8,7 @@ import asyncio
 import json
 import socket
 import struct
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import aiohttp
@@ -21,7 +20,7 @@ from gateway import metrics
 from gateway.errors import BackendUnavailable, UpstreamError, UpstreamTimeout
 from gateway.upstream import MAX_SENDS, MAX_URLS, StreamOutcome, Upstream, read_probe, relay_stream
 from tests.conftest import StartGateway
-from tests.helpers import free_port
+from tests.helpers import free_port, serving
 
 REPLY = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n"
          b"connection: keep-alive\r\n\r\n{\"ok\":true}")
@@ -237,11 +236,9 @@ class _RefusingRuntime(BaseHTTPRequestHandler):
 
 
 def test_the_client_gets_the_runtimes_wait_and_error_fields_through_the_gateway(start_gateway: StartGateway) -> None:
-    runtime = ThreadingHTTPServer(("127.0.0.1", 0), _RefusingRuntime)
-    threading.Thread(target=runtime.serve_forever, daemon=True).start()
-    try:
+    with serving(_RefusingRuntime) as url:
         gateway = start_gateway({"backends": [
-            {"name": f"refusing-{model}", "runtime": "openai", "url": f"http://127.0.0.1:{runtime.server_port}",
+            {"name": f"refusing-{model}", "runtime": "openai", "url": url,
              "serves": [model]} for model in _RefusingRuntime.REFUSALS]})
         with gateway.http(gateway.new_key()) as client:
             def ask(model: str) -> httpx.Response:
@@ -257,9 +254,6 @@ def test_the_client_gets_the_runtimes_wait_and_error_fields_through_the_gateway(
             r = ask("e400weird")
             assert r.status_code == 400
             assert (r.json()["error"]["param"], r.json()["error"]["code"]) == ("5", "7")
-    finally:
-        runtime.shutdown()
-        runtime.server_close()
 
 
 # --- the stream relay --------------------------------------------------------------------------

@@ -5,9 +5,8 @@ and that must not reach the client as a success with no choices and no usage."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from adapters import for_runtime
 from gateway.errors import UpstreamError
 from tests.conftest import StartGateway
-from tests.helpers import error_of
+from tests.helpers import error_of, serving
 
 OPENAI_RUNTIMES = ["openai", "vllm", "llamacpp"]  # Ollama answers in its own API: its own test below
 
@@ -85,13 +84,8 @@ class _SomeOtherService(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def other_service_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SomeOtherService)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(_SomeOtherService) as url:
+        yield url
 
 
 def test_a_client_gets_a_502_not_an_empty_completion_from_a_backend_that_is_not_openai(

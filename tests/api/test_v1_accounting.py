@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import StartGateway
-from tests.helpers import GatewayProcess
+from tests.helpers import GatewayProcess, serving
 
 CHAT = [{"role": "user", "content": "hi"}]
 GARBAGE_USAGE = {"prompt_tokens": "ten", "completion_tokens": [1], "total_tokens": None}
@@ -85,13 +84,8 @@ class _Runtime(BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def runtime_serving() -> Iterator[str]:
     """_Runtime on a free port, in a thread of its own; its URL, until the block ends."""
-    runtime = ThreadingHTTPServer(("127.0.0.1", 0), _Runtime)
-    threading.Thread(target=runtime.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{runtime.server_port}"
-    finally:
-        runtime.shutdown()
-        runtime.server_close()
+    with serving(_Runtime) as url:
+        yield url
 
 
 @pytest.fixture
