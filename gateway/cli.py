@@ -6,13 +6,12 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 import socket
 import sys
 from typing import Any
 
 from gateway import keys_cli, logsetup
-from gateway.config import Config, ConfigError, keyless_exposure, load, warnings
+from gateway.config import Config, ConfigError, keyless_exposure, load, warnings, without_password
 
 log = logging.getLogger("gateway")
 
@@ -60,7 +59,7 @@ def serve(args: argparse.Namespace) -> None:
              _shown_store(config), "on" if config.admin.key else "off")
     for b in config.backends:
         log.info("backend %s (%s) serves %s: %s", b.name, b.runtime, ", ".join(b.serves),
-                 _no_password(b.url) if b.url else f"managed, model {b.model}")
+                 without_password(b.url) if b.url else f"managed, model {b.model}")
     for warning in warnings(config):
         log.warning("config: %s", warning)
     # Bound before the lifespan starts the backends (uvicorn binds after it): a port in use is
@@ -187,11 +186,8 @@ def check(args: argparse.Namespace) -> None:
 def _shown_store(config: Config) -> str:
     if config.store.url is None:
         return f"embedded (SQLite, {config.data_dir / 'gateway.db'})"
-    return "redis " + _no_password(config.store.url)
+    return "redis " + without_password(config.store.url)
 
-
-def _no_password(url: str) -> str:
-    return re.sub(r"//[^/@\s]*@", "//***@", url)
 
 
 def main(argv: list[str] | None = None) -> None:

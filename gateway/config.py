@@ -71,13 +71,18 @@ def _matching(pattern: str, what: str) -> AfterValidator:
     def check(value: str) -> str:
         if not compiled.match(value):
             # The message reaches stderr and /admin/reload's answer: a URL's user:password is not shown.
-            raise ValueError(f"{_USERINFO.sub('//***@', value)!r} is not {what}")
+            raise ValueError(f"{without_password(value)!r} is not {what}")
         return value
 
     return AfterValidator(check)
 
 
 _USERINFO = re.compile(r"//[^/@\s]*@")
+
+
+def without_password(url: str) -> str:
+    """A URL as errors and logs show it: its user:password masked."""
+    return _USERINFO.sub("//***@", url)
 
 
 Seconds = Annotated[float, BeforeValidator(_seconds), Field(gt=0)]
@@ -88,7 +93,7 @@ BackendName = Annotated[str, Field(max_length=64), _matching(
     r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", "a backend name (letters, digits and . _ -, starting with a letter or digit)")]
 def _base_url(value: str) -> str:
     """A backend's base URL, to which the gateway appends the runtime's paths (/v1/..., /api/...)."""
-    shown = _USERINFO.sub("//***@", value)
+    shown = without_password(value)
     try:
         parts = urlsplit(value)
         port = parts.port  # raises on a port that is not a number in 0-65535
