@@ -1,17 +1,23 @@
 """gateway/protocol.py: a request's head is bounded in size (431, connection closed), and a
 request in time (408, connection closed); a large body after a small head, a head near the bound,
-a slow body that keeps coming and an idle kept-alive connection still pass."""
+a slow body that keeps coming and an idle kept-alive connection still pass. An answer's head goes
+out with its body, in one write."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
+from collections.abc import Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from uvicorn.config import Config
+from uvicorn.server import ServerState
 
-from gateway.protocol import MAX_HEAD
+from gateway.protocol import MAX_HEAD, http_protocol
 from tests.conftest import StartGateway
 
 
@@ -157,3 +163,99 @@ def test_a_request_that_stops_coming_is_408_and_the_connection_closes(start_gate
         assert client.post("/v1/chat/completions", content=CHAT).status_code == 200
         time.sleep(2)
         assert client.post("/v1/chat/completions", content=CHAT).status_code == 200
+
+
+# --- One write per answer (HeldHead), on uvicorn's protocol with a transport that records ----------
+
+
+class _Recording(asyncio.Transport):
+    """What the protocol writes, one entry per send (writelines is one send, as on uvloop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def writelines(self, parts: Iterable[bytes | bytearray | memoryview]) -> None:
+        self.writes.append(b"".join(parts))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(name, default)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def _answered(app: Any, request: bytes, *, wait: float | None = 0.2,
+                    transport: _Recording | None = None) -> _Recording:
+    """`request` through the gateway's protocol class to `app`; the transport after `wait` seconds
+    (None: one turn of the event loop, the one the app's task first runs in)."""
+    protocol_class = http_protocol(read_timeout=10.0)
+    config = Config(app=app, http=protocol_class, lifespan="off", log_level="warning")
+    config.load()
+    protocol = protocol_class(config=config, server_state=ServerState(), app_state={},
+                              _loop=asyncio.get_running_loop())
+    transport = transport or _Recording()
+    protocol.connection_made(transport)
+    try:
+        protocol.data_received(request)
+        await asyncio.sleep(0 if wait is None else wait)
+        return transport
+    finally:
+        protocol.connection_lost(None)
+
+
+async def _start(send: Any, length: int) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % length)]})
+
+
+async def test_an_answer_s_head_and_body_go_out_in_one_write() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await _start(send, 5)
+        await send({"type": "http.response.body", "body": b"hello"})
+
+    transport = await _answered(app, b"POST /v1/x HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+    assert len(transport.writes) == 1, transport.writes
+    (answer,) = transport.writes
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nhello"), answer
+
+
+async def test_a_head_whose_body_is_slow_to_follow_is_written_by_the_end_of_the_turn() -> None:
+    seen: list[list[bytes]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await _start(send, 5)
+        seen.append(list(transport.writes))  # held: the body may follow in this turn
+        await asyncio.sleep(0.05)  # (a log followed from the admin API: nothing to send yet)
+        seen.append(list(transport.writes))
+        await send({"type": "http.response.body", "body": b"hello"})
+
+    transport = _Recording()
+    await _answered(app, b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n", transport=transport)
+    assert seen[0] == [], seen
+    assert len(seen[1]) == 1 and seen[1][0].startswith(b"HTTP/1.1 200 OK\r\n"), seen
+    assert transport.writes[1:] == [b"hello"], transport.writes
+
+
+async def test_a_100_continue_is_not_held() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()  # the client waits for the 100 before it sends the body
+        await _start(send, 2)
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    # Looked at in the turn the app first runs in: a held write would come only in the next.
+    transport = await _answered(app, b"POST /x HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+                                     b"content-length: 2\r\n\r\n", wait=None)
+    assert transport.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"], transport.writes

@@ -371,16 +371,15 @@ async def _relay(departure: Departure, writer: Writer, call: Call, headers: list
     send = writer.send
     try:
         await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]})
-        if outcome.finished or outcome.error:
-            # The whole stream came in the first read (a short answer often does): one last write.
-            departure.disarm()
-            await send({"type": "http.response.body", "body": first})
-            return
-        await send({"type": "http.response.body", "body": first, "more_body": True})
-        async for piece in chunks:
+        piece = first
+        while not (outcome.finished or outcome.error):
             await send({"type": "http.response.body", "body": piece, "more_body": True})
+            piece = await anext(chunks)
+        # The last piece ends the answer in the same write (uvicorn adds the chunked encoding's
+        # end to it), rather than a write of its own: a short answer, whole in the runtime's
+        # first read, goes out in one write with its head (gateway/protocol.py).
         departure.disarm()  # the answer is whole: a client leaving now changes nothing
-        await send({"type": "http.response.body", "body": b""})
+        await send({"type": "http.response.body", "body": piece})
     except asyncio.CancelledError:
         if not (departure.left or writer.stalled):
             if call.gateway.closing and departure.task is not None:
