@@ -251,7 +251,8 @@ def _rendered(exc: Exception, method: str, path: str, request_id: str | None = N
     if isinstance(error, InternalError):
         log.exception("unhandled error on %s %s", method, path, exc_info=exc,
                       extra={"request_id": request_id} if request_id else None)
-    if (reason := _REJECTIONS.get(error.status)) and path.startswith("/v1/") and not isinstance(error, UpstreamError):
+    if (error.rejection and (reason := _REJECTIONS.get(error.status)) and path.startswith("/v1/")
+            and not isinstance(error, UpstreamError)):
         metrics.rejected.labels(reason).inc()
     return error
 

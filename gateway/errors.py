@@ -31,6 +31,9 @@ class GatewayError(Exception):
     status = 500
     type = "server_error"
     code: str | None = "internal_error"
+    # Whether gateway_rejected_total counts it (app.py, by its status): False for one a metric
+    # of its own counts already, so that an operator adding the counters up sees it once.
+    rejection = True
 
     def __init__(
         self,

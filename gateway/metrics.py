@@ -177,7 +177,7 @@ rate_limited = Counter(
 rejected = Counter(
     "gateway_rejected_total",
     "Requests refused before reaching a backend, by reason (auth, invalid, model_not_found, method, too_large, "
-    "unsupported_encoding, unavailable, read_timeout).",
+    "unsupported_encoding, unavailable, read_timeout); admission's refusals are in gateway_rate_limited_total only.",
     ["reason"], registry=REGISTRY,
 )
 admission_mode = Gauge("gateway_admission_mode", "1 for the admission mode in force (redis, local, fail_closed, memory).",

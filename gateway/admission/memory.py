@@ -443,9 +443,11 @@ def refusal(ticket: Ticket, reason: str, usage: Usage, retry_after: float, *, ti
     telling the real time until it could pass, with the key's x-ratelimit-* headers."""
     if reason == "capacity":
         metrics.rate_limited.labels(ticket.model, "capacity").inc()
-        return BackendUnavailable(
+        busy = BackendUnavailable(
             f"Every backend for `{ticket.model}` is busy and the request waited its limit; try again shortly.",
             headers={"retry-after": "1"})
+        busy.rejection = False  # counted just above, as a refusal
+        return busy
     label = "queue_timeout" if timed_out else reason
     metrics.rate_limited.labels(ticket.model, label).inc()
     message = {

@@ -14,8 +14,10 @@ from typing import Any, TypeVar
 import pytest
 import redis.asyncio as aioredis
 
+from gateway import metrics
 from gateway.admission import Admission, Lease, Limits, MemoryAdmission, Slot, Ticket
 from gateway.admission.redis import RedisAdmission
+from gateway.app import _rendered
 from gateway.errors import BackendUnavailable, ClientClosedRequest, RateLimited
 
 WINDOW = 1.5
@@ -276,6 +278,27 @@ async def test_waiting_past_max_wait_for_capacity_is_503(make_admission: MakeAdm
     with pytest.raises(BackendUnavailable):
         await admission.acquire(ticket(backends=(("b1", 1),), max_wait=0.5))
     assert 0.4 < time.monotonic() - started < 2.0
+    await holder.release()
+
+
+def refused_counts() -> tuple[float, float]:
+    """(gateway_rate_limited_total{reason="capacity"}, gateway_rejected_total{reason="unavailable"})."""
+    value = metrics.REGISTRY.get_sample_value
+    return (value("gateway_rate_limited_total", {"model": "m", "reason": "capacity"}) or 0.0,
+            value("gateway_rejected_total", {"reason": "unavailable"}) or 0.0)
+
+
+async def test_a_capacity_refusal_is_counted_once_as_a_refusal(make_admission: MakeAdmission) -> None:
+    # Admission counts it in gateway_rate_limited_total; the app, rendering it, counts other 503s
+    # on /v1/ as rejections, and used to count this one there too.
+    admission = await make_admission()
+    holder = await admission.acquire(ticket(backends=(("b1", 1),)))
+    before = refused_counts()
+    with pytest.raises(BackendUnavailable) as refused:
+        await admission.acquire(ticket(backends=(("b1", 1),), max_wait=0.2))
+    assert _rendered(refused.value, "POST", "/v1/chat/completions").status == 503
+    capacity, unavailable = refused_counts()
+    assert (capacity - before[0], unavailable - before[1]) == (1, 0)
     await holder.release()
 
 
