@@ -210,6 +210,10 @@ async def serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) 
         await _forward(gateway, exchange, call, lease, backends, endpoint, body, _timeouts(gateway, override))
     except GatewayError as exc:
         exc.headers.setdefault("x-request-id", call.request_id)
+        if call.backend is not None or call.tried != "none":
+            # It reached a backend: counted as a request, and a backend's failure as an upstream
+            # error; not a rejection too (a 503 after failing over across every backend).
+            exc.rejection = False
         if call.route is not None:
             await call.finish(exc.status, None, error=exc.message)
         raise  # rendered once, by the app's exception handler, as an OpenAI error

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.conftest import StartGateway
-from tests.helpers import FAKES, GatewayProcess, wait_until
+from tests.helpers import FAKES, GatewayProcess, error_of, wait_until
 
 
 def fake_vllm(name: str, serves: list[str], *, slots: int = 4, token_delay: float = 0.002,
@@ -287,18 +287,25 @@ def test_reloads_in_quick_succession_never_run_two_copies(start_gateway: StartGa
 class _Replica(BaseHTTPRequestHandler):
     """An attached OpenAI server serving `m`, behaving as its server's `behaviour` says: `delay`
     (seconds before it answers), `stall` ("first": a stream's headers, then nothing; "mid": two
-    chunks, then nothing), `status` (+ `retry_after`): refuse with it."""
+    chunks, then nothing), `status` (+ `retry_after`): refuse with it, `hang_up`: close the
+    connection without an answer, `sick`: fail the health probe."""
 
     protocol_version = "HTTP/1.1"
     server: _ReplicaServer
 
     def do_GET(self) -> None:  # the health probe (/v1/models)
+        if self.server.behaviour.get("sick"):
+            self._json(503, {"error": {"message": "sick", "type": "server_error"}})
+            return
         self._json(200, {"object": "list", "data": [{"id": "m", "object": "model"}]})
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         behaviour = self.server.behaviour
         self.server.requests += 1
+        if behaviour.get("hang_up"):
+            self.close_connection = True
+            return
         if self.server.gone.wait(behaviour.get("delay", 0)):
             return
         if "status" in behaviour:
@@ -411,6 +418,31 @@ def test_a_request_that_fails_over_is_counted_once_under_the_backend_that_answer
             assert r.status_code == 502, r.text
             failed = {k: v for k, v in _series(gateway, "gateway_requests_total").items() if 'status="5xx"' in k}
             assert len(failed) == 1 and list(failed.values()) == [1.0] and 'backend="none"' not in next(iter(failed))
+
+
+def test_a_503_after_failing_over_across_every_backend_is_no_rejection(start_gateway: StartGateway) -> None:
+    """gateway_rejected_total counts requests turned away before any backend: "none is ready" still
+    is one. A request every backend failed is counted in gateway_requests_total, its failures in
+    gateway_upstream_errors_total; it used to be counted a rejection too."""
+    with replicas(a={"hang_up": True}, b={"hang_up": True}) as servers:
+        gateway = start_gateway({"backends": attached(servers, health_failures=1), "queue": {"max_wait": "1s"}})
+        with gateway.http(gateway.new_key()) as client:
+            r = client.post("/v1/chat/completions", json=CHAT)
+            assert error_of(r, 503)["code"] == "backend_unavailable"
+            assert servers["a"].requests and servers["b"].requests  # both were tried
+            assert _series(gateway, "gateway_rejected_total") == {}
+            failed = _series(gateway, "gateway_requests_total")
+            assert list(failed.values()) == [1.0] and 'status="5xx"' in next(iter(failed)), failed
+            assert set(_series(gateway, "gateway_upstream_errors_total")) == {
+                'backend="a",kind="connect"', 'backend="b",kind="connect"'}
+
+            for server in servers.values():
+                server.behaviour["sick"] = True
+            assert wait_until(lambda: all(gateway.admin("GET", f"/admin/backends/{name}").json()["state"] != "ready"
+                                          for name in servers), 10)
+            r = client.post("/v1/chat/completions", json=CHAT)
+            assert error_of(r, 503)["code"] == "backend_unavailable"
+            assert _series(gateway, "gateway_rejected_total") == {'reason="unavailable"': 1.0}
 
 
 def test_a_stream_silent_before_its_first_chunk_fails_over_and_one_stalling_mid_way_is_cut(
