@@ -17,6 +17,7 @@ from typing import Any
 
 from litestar import Request
 
+from gateway import metrics
 from gateway.config import AuthConfig, LimitValues
 from gateway.errors import AuthenticationFailed, ModelNotFound, PermissionDenied
 from gateway.routing import Route
@@ -118,6 +119,12 @@ class KeyIndex:
         )
 
 
+def _ended(key: ApiKey | None) -> bool:
+    """The key can make no more requests, ever: revoked (nothing undoes that), or gone from the
+    store. (An expired one can: an admin may extend it.)"""
+    return key is None or key.revoked_at is not None
+
+
 def _indexed_hashes(key: ApiKey) -> tuple[str, ...]:
     # The previous hash whether or not its grace period is over: `authenticate` checks the
     # period at each request, so the index does not depend on the clock.
@@ -165,8 +172,12 @@ class KeyCache:
             index.put(key_id, self._index.by_id.get(key_id))
         if index.defaults is not self._defaults:  # a config reload meanwhile
             index.set_defaults(self._defaults)
+        ended = [key_id for key_id, key in self._index.by_id.items()
+                 if key.revoked_at is None and _ended(index.by_id.get(key_id))]
         self._index = index
         self._loaded_version = version
+        for key_id in ended:  # revoked or gone while the feed missed it
+            metrics.forget_key(key_id)
 
     async def refresh(self, key_id: str) -> None:
         try:
@@ -185,6 +196,8 @@ class KeyCache:
         self._index.put(key_id, key)
         for changed in self._changed_while_loading:
             changed.add(key_id)
+        if _ended(key):
+            metrics.forget_key(key_id)
 
     async def _follow(self) -> None:
         """Apply the store's key changes as they come; reload everything whenever the feed may

@@ -244,6 +244,14 @@ def forget_backend(backend: str, runtime: str, *, name_too: bool) -> None:
         REQUESTS.forget_backend(backend)
 
 
+def forget_key(key_id: str) -> None:
+    """The per-key series (metrics.key_labels) of a key that can make no more requests: revoked
+    (for good: a revoked key cannot be changed back), or gone from the store. Every key ever
+    used would otherwise stay a series for ever."""
+    key_requests.remove_by_labels({"key_id": key_id})
+    key_tokens.remove_by_labels({"key_id": key_id})
+
+
 def status_class(status: int) -> str:
     return f"{status // 100}xx"
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from gateway import auth, keys
+from gateway import auth, keys, metrics
 from gateway.auth import KeyCache
 from gateway.config import AuthConfig, LimitValues
 from gateway.errors import AuthenticationFailed
@@ -347,3 +347,59 @@ async def test_a_key_whose_record_cannot_be_read_opens_nothing_and_the_others_st
     await cache.reload()
     refuses(cache, bad_secret)()
     assert cache.authenticate(f"Bearer {good_secret}").key_id == good.id
+
+
+# --- per-key metrics (metrics.key_labels) -------------------------------------------------------
+
+def key_series(key_id: str) -> list[str]:
+    """The key's series in gateway_key_requests_total and gateway_key_tokens_total."""
+    return [sample.name for family in (metrics.key_requests, metrics.key_tokens) for metric in family.collect()
+            for sample in metric.samples if sample.labels["key_id"] == key_id and sample.name.endswith("_total")]
+
+
+def served(key: ApiKey) -> None:
+    """One request of the key, counted as v1.Call counts it with metrics.key_labels."""
+    metrics.key_requests.labels(key.id, "m", "2xx").inc()
+    metrics.key_tokens.labels(key.id, "prompt").inc(3)
+    metrics.key_tokens.labels(key.id, "completion").inc(5)
+
+
+async def test_a_keys_series_go_when_it_is_revoked_here_or_on_another_replica(store: Store, cache: KeyCache) -> None:
+    # A revoked key makes no request again: its series would stay on every scrape for good.
+    here, _ = await keys.issue(store, {"name": "revoked here"})
+    there, _ = await keys.issue(store, {"name": "revoked on another replica"})
+    kept, _ = await keys.issue(store, {"name": "kept"})
+    for key in (here, there, kept):
+        cache.apply(key)
+        served(key)
+    assert len(key_series(here.id)) == 3
+    cache.apply(await keys.revoke(store, here.id))  # as this replica's admin API does
+    assert key_series(here.id) == []
+    await keys.revoke(store, there.id)  # through the store only: the change feed tells
+    def forgotten() -> None:
+        assert key_series(there.id) == []
+
+    await eventually(forgotten)
+    assert len(key_series(kept.id)) == 3
+
+
+async def test_a_keys_series_go_when_a_reload_finds_it_revoked_or_gone(store: Store) -> None:
+    # What the change feed missed (Redis pub/sub can), the reload finds: revoked, or no longer
+    # in the store at all (a Redis that lost its data).
+    cache = KeyCache(store, AuthConfig(), LimitValues())  # not started: the test drives it
+    revoked, _ = await keys.issue(store, {"name": "revoked"})
+    gone, _ = await keys.issue(store, {"name": "gone"})
+    kept, _ = await keys.issue(store, {"name": "kept"})
+    await cache.reload()
+    for key in (revoked, gone, kept):
+        served(key)
+    await keys.revoke(store, revoked.id)
+    read_all = store.all_keys
+
+    async def all_but_gone() -> list[ApiKey]:
+        return [key for key in await read_all() if key.id != gone.id]
+
+    store.all_keys = all_but_gone  # type: ignore[method-assign]
+    await cache.reload()
+    assert key_series(revoked.id) == [] and key_series(gone.id) == []
+    assert len(key_series(kept.id)) == 3
