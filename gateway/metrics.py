@@ -191,6 +191,12 @@ usage_unsaved = Gauge(
     "Requests counted in memory that the store has not taken, as of the last usage flush (about once a second).",
     registry=REGISTRY,
 )
+usage_dropped = Counter(
+    "gateway_usage_dropped_requests_total",
+    "Requests whose usage was dropped, never to be stored: while usage flushes failed, the counts held passed "
+    "usage.MAX_PENDING rows and their oldest hour went.",
+    registry=REGISTRY,
+)
 
 # The store (gateway/store/redis_mark.py): a Redis that lost the gateway's data answers as if it
 # never had any, and every client gets 401; each replica that finds it so counts it once.

@@ -5,7 +5,8 @@ atomic increments, and once more at shutdown. A failed flush keeps its batch and
 as it was and under the same id, before any newer counts: the store may have applied the failed
 try without our hearing so, and the id lets it apply the batch at most once. So a store outage
 delays usage but neither loses nor doubles it (bounded: past MAX_PENDING rows the oldest hour of
-the newer counts is dropped, and the log says so). At shutdown the flush is tried for up to
+the newer counts is dropped, and the log and gateway_usage_dropped_requests_total say so: alert
+GatewayUsageDropped). At shutdown the flush is tried for up to
 FINAL_FLUSH_TIMEOUT (a force quit, which skips the lifespan shutdown, has its own shorter bound:
 gateway/cli.py); what is still not stored then is lost, and the log says how much. While flushes
 fail, gateway_usage_unsaved_requests says how many requests are held (alert GatewayUsageNotStored).
@@ -123,9 +124,10 @@ class UsageRecorder:
             return
         oldest = min(row[0] for row in self._pending)
         dropped = [row for row in self._pending if row[0] == oldest]
-        for row in dropped:
-            del self._pending[row]
-        log.error("usage backlog over %d rows: dropped %d rows of hour %d", MAX_PENDING, len(dropped), oldest)
+        requests = sum(self._pending.pop(row).requests for row in dropped)
+        metrics.usage_dropped.inc(requests)
+        log.error("usage backlog over %d rows: dropped %d rows of hour %d (%d requests)", MAX_PENDING, len(dropped),
+                  oldest, requests)
 
     def _report_lost(self, timeout: float) -> None:
         lost = sum(self._held(), UsageDelta())

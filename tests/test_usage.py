@@ -142,3 +142,27 @@ async def test_a_store_outage_is_logged_once_a_minute_not_once_a_flush(monkeypat
     assert len(said) == 3, said
     assert said[0].startswith("usage flush failed") and said[1].startswith("usage flush still failing after 60 s")
     assert said[2] == "usage flush works again after 70 s; everything held is stored"
+
+
+def dropped() -> float:
+    return metrics.REGISTRY.get_sample_value("gateway_usage_dropped_requests_total") or 0.0
+
+
+async def test_usage_dropped_past_max_pending_is_counted_for_an_alert(monkeypatch: Any) -> None:
+    # Past MAX_PENDING rows the oldest hour of the newer counts goes for good: only the log said so.
+    monkeypatch.setattr(usage, "MAX_PENDING", 3)
+    clock = [10 * 3600.0]
+    monkeypatch.setattr(usage.time, "time", lambda: clock[0])
+    recorder = UsageRecorder(FlakyStore(failures=None))  # type: ignore[arg-type]
+    recorder.add("key_0", "m")
+    assert await recorder.flush() is False  # the batch on its way: kept whole, never dropped
+    before = dropped()
+    for key, requests in (("key_1", 2), ("key_2", 3)):
+        for _ in range(requests):
+            recorder.add(key, "m")
+    clock[0] += 3600  # the next hour: four rows now, one more than MAX_PENDING
+    recorder.add("key_1", "m")
+    recorder.add("key_2", "m")
+    assert await recorder.flush() is False
+    assert dropped() - before == 5  # the requests of the oldest hour's two rows
+    assert unsaved() == 3  # the batch on its way, and the newer hour's two

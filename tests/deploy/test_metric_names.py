@@ -47,7 +47,8 @@ def test_dashboard_queries_only_defined_metrics() -> None:
 def test_alerts_query_only_defined_metrics() -> None:
     exprs = alert_exprs()
     assert {"GatewayBackendDown", "GatewayBackendCrashLoop", "GatewayQueueSaturated", "GatewayHighErrorRatio",
-            "GatewayRedisDown", "GatewayUsageNotStored", "GatewayStoreLostData"} <= {where.split("/")[1] for where in exprs}
+            "GatewayRedisDown", "GatewayUsageNotStored", "GatewayUsageDropped", "GatewayStoreLostData"} <= {
+        where.split("/")[1] for where in exprs}
     assert unknown(exprs) == {}
 
 

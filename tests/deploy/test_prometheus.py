@@ -38,8 +38,9 @@ def test_alert_unit_tests_cover_firing_and_quiet_cases() -> None:
         for case in test["alert_rule_test"]:
             (fired if case.get("exp_alerts") else quiet).add(case["alertname"])
     assert {"GatewayBackendDown", "GatewayBackendCrashLoop", "GatewayHighErrorRatio", "GatewayQueueSaturated",
-            "GatewayRedisDown", "GatewayUsageNotStored", "GatewayStoreLostData"} <= fired
-    assert {"GatewayBackendDown", "GatewayQueueSaturated", "GatewayUsageNotStored", "GatewayStoreLostData"} <= quiet
+            "GatewayRedisDown", "GatewayUsageNotStored", "GatewayUsageDropped", "GatewayStoreLostData"} <= fired
+    assert {"GatewayBackendDown", "GatewayQueueSaturated", "GatewayUsageNotStored", "GatewayUsageDropped",
+            "GatewayStoreLostData"} <= quiet
     alerts = {r["alert"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
     assert alerts <= fired, f"alerts without a test that fires them: {alerts - fired}"
 
