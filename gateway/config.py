@@ -199,7 +199,9 @@ class LimitsConfig(_Section):
 
 
 class QueueConfig(_Section):
-    max_wait: Seconds = 30.0
+    # 0: no waiting at all. A request that cannot be admitted now (a key's limit, every slot taken,
+    # no backend ready) gets at once the 429 or 503 a wait would have ended in.
+    max_wait: Annotated[float, BeforeValidator(_seconds), Field(ge=0)] = 30.0
     max_depth: int = Field(default=1000, ge=0)
     # Places one key may hold in the queue: without it one client (or one key blocked by its own
     # rpm) could fill every place and turn every other key away with "queue full".

@@ -137,6 +137,15 @@ def test_a_streams_silence_is_bounded_server_wide_and_per_model() -> None:
     assert caught.value.problems == ["server.stream_idle_timeout: input should be greater than 0"]
 
 
+def test_a_queue_wait_of_0_means_no_queue() -> None:
+    # An operator's "do not queue: refuse at once what cannot be admitted now"; it was refused.
+    assert parse({"queue": {"max_wait": 0}, "backends": [LLAMA]}, base_dir=Path("/srv"), env={}).queue.max_wait == 0
+    assert parse({"queue": {"max_wait": "0s"}, "backends": [LLAMA]}, base_dir=Path("/srv"), env={}).queue.max_wait == 0
+    with pytest.raises(ConfigError) as caught:
+        parse({"queue": {"max_wait": -1}, "backends": [LLAMA]}, base_dir=Path("/srv"), env={})
+    assert caught.value.problems == ["queue.max_wait: input should be greater than or equal to 0"]
+
+
 def test_default_limits_are_bounded_as_a_keys_own() -> None:
     with pytest.raises(ConfigError) as info:
         parse({"limits": {"default": {"rpm": 2**31, "tpm": 0}}, "backends": [LLAMA]}, base_dir=Path("/srv"), env={})

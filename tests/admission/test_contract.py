@@ -281,6 +281,21 @@ async def test_waiting_past_max_wait_for_capacity_is_503(make_admission: MakeAdm
     await holder.release()
 
 
+async def test_no_wait_at_all_refuses_at_once_as_a_wait_would(make_admission: MakeAdmission) -> None:
+    # queue.max_wait: 0: what cannot be admitted now gets the 503 or 429 a wait ends in, at once.
+    admission = await make_admission()
+    holder = await admission.acquire(ticket(backends=(("b1", 1),)))
+    await (await admission.acquire(ticket("k2", rpm=1, backends=(("b2", 1),), max_wait=0))).release()
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable):
+        await admission.acquire(ticket(backends=(("b1", 1),), max_wait=0))
+    with pytest.raises(RateLimited) as limited:
+        await admission.acquire(ticket("k2", rpm=1, backends=(("b2", 1),), max_wait=0))
+    assert time.monotonic() - started < 0.5
+    assert "1 requests per minute" in limited.value.message and 0 < limited.value.retry_after <= WINDOW
+    await holder.release()
+
+
 def refused_counts() -> tuple[float, float]:
     """(gateway_rate_limited_total{reason="capacity"}, gateway_rejected_total{reason="unavailable"})."""
     value = metrics.REGISTRY.get_sample_value

@@ -445,6 +445,21 @@ def test_a_503_after_failing_over_across_every_backend_is_no_rejection(start_gat
             assert _series(gateway, "gateway_rejected_total") == {'reason="unavailable"': 1.0}
 
 
+def test_a_queue_wait_of_0_refuses_at_once_what_cannot_be_admitted_now(start_gateway: StartGateway) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with replicas(slow={"delay": 3.0}) as servers:
+        gateway = start_gateway({"backends": attached(servers, slots=1), "queue": {"max_wait": 0}})
+        with gateway.http(gateway.new_key()) as client, ThreadPoolExecutor(1) as pool:
+            first = pool.submit(client.post, "/v1/chat/completions", json=CHAT)
+            assert wait_until(lambda: servers["slow"].requests == 1, 5)  # it holds the one slot
+            r = client.post("/v1/chat/completions", json=CHAT)
+            assert not first.done()  # refused while the slot was taken, not after it came free
+            assert error_of(r, 503)["code"] == "backend_unavailable" and r.headers["retry-after"] == "1"
+            assert first.result().status_code == 200
+        assert _series(gateway, "gateway_rate_limited_total") == {'model="m",reason="capacity"': 1.0}
+
+
 def test_a_stream_silent_before_its_first_chunk_fails_over_and_one_stalling_mid_way_is_cut(
         start_gateway: StartGateway) -> None:
     with replicas(hung={"stall": "first"}, fine={}, stalling={"stall": "mid"}) as servers:

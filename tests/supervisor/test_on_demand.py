@@ -94,6 +94,19 @@ async def test_a_start_slower_than_the_timeout_raises_and_goes_on(supervise: Mak
     assert backend.process is not None and backend.process.starts == 1
 
 
+async def test_no_wait_at_all_raises_at_once_and_the_start_goes_on(supervise: MakeSupervisor) -> None:
+    # queue.max_wait: 0: the request that finds the backend stopped is refused at once; the start
+    # it asked for goes on, for the requests after it.
+    sup = await supervise(fake("lazy", start="on_demand"))
+    backend = sup.backends["lazy"]
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable, match="became ready within 0s"):
+        await sup.ensure_ready([backend], 0, model="m")
+    assert time.monotonic() - started < 0.5
+    assert await until(lambda: backend.ready, 10)
+    assert backend.process is not None and backend.process.starts == 1
+
+
 async def test_a_crash_while_serving_is_waited_for(supervise: MakeSupervisor) -> None:
     sup = await supervise(fake("phoenix", restart_backoff="0.3s"))
     backend = sup.backends["phoenix"]
