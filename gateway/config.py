@@ -150,8 +150,20 @@ class ServerConfig(_Section):
     cors_origins: list[Origin] = Field(default_factory=list, max_length=100)
 
 
+ADMIN_KEY_MIN_LENGTH = 16
+
+
+def _admin_key(value: str) -> str:
+    # It opens the whole admin API (every key, all usage, reloads): a word such as "admin" is
+    # guessed. Empty leaves the admin API off. (A secret: the message shows neither it nor its length.)
+    if value and len(value) < ADMIN_KEY_MIN_LENGTH:
+        raise ValueError(f"too short: an admin key needs at least {ADMIN_KEY_MIN_LENGTH} characters "
+                         "(generate one: openssl rand -hex 32)")
+    return value
+
+
 class AdminConfig(_Section):
-    key: str | None = None
+    key: Annotated[str, AfterValidator(_admin_key)] | None = None
 
 
 class AuthConfig(_Section):

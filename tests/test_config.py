@@ -119,12 +119,12 @@ def test_units_and_interpolation() -> None:
         "admin": {"key": "${ADMIN_KEY}"},
         "store": {"usage_retention": "30d"},
         "backends": [LLAMA],
-    }, base_dir=Path("/srv"), env={"PORT": "9090", "ADMIN_KEY": "s3cret"})
+    }, base_dir=Path("/srv"), env={"PORT": "9090", "ADMIN_KEY": "s3cret-s3cret-s3cret"})
     assert config.data_dir == Path("/var/lib/gw")
     assert config.server.port == 9090 and config.server.max_body == 1024**2
     assert config.server.request_timeout == 300.0 and config.server.connect_timeout == 0.25
     assert config.store.usage_retention == 30 * 86400
-    assert config.admin.key == "s3cret"
+    assert config.admin.key == "s3cret-s3cret-s3cret"
 
 
 def test_a_streams_silence_is_bounded_server_wide_and_per_model() -> None:
@@ -144,6 +144,18 @@ def test_a_queue_wait_of_0_means_no_queue() -> None:
     with pytest.raises(ConfigError) as caught:
         parse({"queue": {"max_wait": -1}, "backends": [LLAMA]}, base_dir=Path("/srv"), env={})
     assert caught.value.problems == ["queue.max_wait: input should be greater than or equal to 0"]
+
+
+def test_a_short_admin_key_is_refused_and_not_shown() -> None:
+    # It opens the whole admin API: "admin" would be guessed. Empty still means the admin API is off.
+    with pytest.raises(ConfigError) as caught:
+        parse({"admin": {"key": "${ADMIN_KEY}"}, "backends": [LLAMA]}, base_dir=Path("/srv"),
+              env={"ADMIN_KEY": "hunter2-admin"})
+    assert caught.value.problems == [
+        "admin.key: too short: an admin key needs at least 16 characters (generate one: openssl rand -hex 32)"]
+    assert "hunter2" not in str(caught.value)
+    for key in ("a" * 16, ""):
+        assert parse({"admin": {"key": key}, "backends": [LLAMA]}, base_dir=Path("/srv"), env={}).admin.key == key
 
 
 def test_default_limits_are_bounded_as_a_keys_own() -> None:
@@ -246,7 +258,7 @@ def test_what_validates_but_will_not_work_is_warned_about(tmp_path: Path) -> Non
         f"backends[1] (b).binary: {tmp_path}/nowhere/llama-server is not an executable file (nor a command on PATH)",
         "admin.key is not set: the admin API (keys, usage, reload) answers 403, so no API key can be issued "
         "and, with auth.required, no client can be served"]
-    keyed = parse({"admin": {"key": "k"}, "backends": [{**LLAMA, "model": str(model), "binary": "/bin/sh"}]},
+    keyed = parse({"admin": {"key": "k" * 16}, "backends": [{**LLAMA, "model": str(model), "binary": "/bin/sh"}]},
                   base_dir=tmp_path, env={})
     assert warnings(keyed) == []
 

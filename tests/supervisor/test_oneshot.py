@@ -34,6 +34,6 @@ def test_gateway_secrets_are_every_secret_in_the_config(tmp_path: Path) -> None:
             {"name": "c", "runtime": "ollama", "model": "llama3.2:1b"},
         ],
     }
-    config = parse(raw, base_dir=tmp_path, env={"ADMIN": "adm", "METRICS": "met", "VLLM_KEY": "vk"})
-    assert gateway_secrets(config) == {"adm", "met", "redis://:pw@r:6379/0", "vk", "remote"}
+    config = parse(raw, base_dir=tmp_path, env={"ADMIN": "adm-0123456789abcdef", "METRICS": "met", "VLLM_KEY": "vk"})
+    assert gateway_secrets(config) == {"adm-0123456789abcdef", "met", "redis://:pw@r:6379/0", "vk", "remote"}
     assert gateway_secrets(parse({"backends": raw["backends"][2:]}, base_dir=tmp_path, env={})) == frozenset()
