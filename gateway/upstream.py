@@ -216,6 +216,7 @@ async def relay_stream(resp: http1.Response, adapter: Adapter, endpoint: Endpoin
     decoder = adapter.decoder(endpoint)
     decoder.hand_on(public_model, include_usage)
     last: dict[str, Any] | bytes = {}
+    handed_on = 0
     try:
         while True:
             out: list[dict[str, Any] | bytes] = []
@@ -229,12 +230,12 @@ async def relay_stream(resp: http1.Response, adapter: Adapter, endpoint: Endpoin
             except (UpstreamError, http1.HTTPError, TimeoutError) as exc:
                 failure = exc
             parts: list[bytes] = []
-            sent = 0
+            sent = decoder.handed_on - handed_on  # those in `out` as bytes, handed on as they came
+            handed_on = decoder.handed_on
             for chunk in out:
-                if type(chunk) is bytes:  # the event as the runtime wrote it (decoder.hand_on)
+                if type(chunk) is bytes:  # events as the runtime wrote them (decoder.hand_on)
                     parts.append(chunk)
                     last = chunk
-                    sent += 1
                     continue
                 usage = chunk.pop("usage", None)
                 if usage:
@@ -318,8 +319,9 @@ def _ending(outcome: StreamOutcome, last: dict[str, Any] | bytes, public_model: 
         outcome.usage = usage_object(0, outcome.chunks)
     if not include_usage:
         return [DONE]
-    if type(last) is bytes:  # handed on undecoded: its id is needed now, once per stream
-        last = msgspec.json.decode(last[6:])
+    if type(last) is bytes:  # events handed on undecoded: the last one's id is needed now, once per stream
+        start = last.rfind(b"\n\n", 0, -2) + 2  # (1: it is the only one)
+        last = msgspec.json.decode(last[start + 6 if start > 1 else 6:])
     assert isinstance(last, dict)
     return [sse(encode({
         "id": last.get("id", ""), "object": last.get("object", "chat.completion.chunk"),

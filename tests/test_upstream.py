@@ -556,3 +556,67 @@ async def test_a_stream_silent_before_its_first_chunk_is_a_timeout_the_caller_ma
         await _quiet_stream(pieces, StreamOutcome())
     assert asyncio.get_running_loop().time() - started < 3
     assert caught.value.message == "The backend sent nothing for 0.3s."
+
+
+# --- a run of token events handed on whole (SSEDecoder._run) ----------------------------------------
+
+def _run_of(contents: list[str], **extra: Any) -> list[bytes]:
+    """Token events as OpenAI and vLLM write them for a client that asked for usage."""
+    return [event({**chunk(c, model=SAME), "usage": None, **extra}) for c in contents]
+
+
+USAGE_CHUNK = event({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": SAME,
+                     "choices": [], "usage": USAGE})
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_a_run_of_token_events_is_handed_on_in_one_piece(include_usage: bool) -> None:
+    tokens = _run_of(["Hel", "lo", ' "model":"alias","choices":[{ ', "!"])  # (a token spelling keys is no key)
+    decoder = Adapter().decoder("chat")
+    decoder.hand_on(SAME, include_usage)
+    out: list[Any] = []
+    decoder.feed(b"".join(tokens) + USAGE_CHUNK + event("[DONE]"), out)
+    run, usage_chunk = out
+    expected = b"".join(tokens)
+    assert run == (expected if include_usage else expected.replace(b',"usage":null}', b"}"))
+    assert decoder.handed_on == 4 and decoder.finished
+    assert usage_chunk["usage"] == USAGE and usage_chunk["choices"] == []
+
+
+async def test_a_run_handed_on_whole_reaches_the_client_counted_and_followed_by_its_usage() -> None:
+    tokens = _run_of(["a", "b", "c"])
+    for include_usage in (True, False):
+        events, outcome = await relayed([b"".join(tokens) + USAGE_CHUNK + event("[DONE]")], include_usage=include_usage)
+        got = [json.loads(e) for e in events[:3]]
+        assert [g["choices"][0]["delta"]["content"] for g in got] == ["a", "b", "c"]
+        assert all(("usage" in g) is include_usage for g in got)
+        assert outcome.chunks == 3 and outcome.usage == USAGE and outcome.finished
+        if include_usage:
+            assert json.loads(events[3]) == json.loads(USAGE_CHUNK[6:]) and events[4] == "[DONE]"
+        else:
+            assert events[3] == "[DONE]"
+
+
+@pytest.mark.parametrize(("odd", "content"), [
+    (event({**chunk("x", model="runtime-name"), "usage": None}), "x"),  # another model's name: renamed
+    (event(chunk("x", model=SAME)), "x"),  # no usage field for a client that asked: given usage null
+    (b": ping\n\n" + _run_of(["x"])[0], "x"),  # a comment between events: dropped
+    (event({**chunk("x", model=SAME), "usage": None}, compact=False), "x"),  # spaced
+    (_run_of(["data: [DONE]"])[0], "data: [DONE]"),  # a token that spells the end marker is a token
+], ids=["other model", "no usage", "comment", "spaced", "end marker as text"])
+async def test_a_run_that_does_not_add_up_goes_event_by_event(odd: bytes, content: str) -> None:
+    tokens = _run_of(["a", "b"])
+    events, outcome = await relayed([tokens[0] + odd + tokens[1] + USAGE_CHUNK + event("[DONE]")], include_usage=True)
+    got = [json.loads(e) for e in events[:3]]
+    assert [g["choices"][0]["delta"]["content"] for g in got] == ["a", content, "b"]
+    assert all(g["model"] == SAME and g["usage"] is None for g in got)
+    assert outcome.chunks == 3 and outcome.usage == USAGE and outcome.finished and events[-1] == "[DONE]"
+
+
+async def test_an_error_key_before_usage_in_a_run_ends_the_stream() -> None:
+    bad = event({**chunk("x", model=SAME), "error": {"message": "out of memory", "type": "server_error"},
+                 "usage": None})
+    events, outcome = await relayed([b"".join(_run_of(["a"])) + bad + event("[DONE]")], include_usage=True)
+    assert json.loads(events[0])["choices"][0]["delta"]["content"] == "a"
+    assert json.loads(events[1])["error"]["message"] == "out of memory" and events[2] == "[DONE]"
+    assert outcome.error is not None and outcome.chunks == 1
