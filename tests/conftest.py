@@ -65,7 +65,7 @@ def llama_gateway(tmp_path_factory: pytest.TempPathFactory, llamacpp_backend: di
 class RedisServer:
     """A real redis-server of the tests' own, on a free port, keeping nothing on disk."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, password: str | None = None) -> None:
         import shutil
         import subprocess
 
@@ -75,9 +75,9 @@ class RedisServer:
         if binary is None:
             raise RuntimeError("redis-server is not installed: `make test` installs it (Debian package redis-server)")
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"redis://{f'default:{password}@' if password else ''}127.0.0.1:{self.port}/0"
         self._args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                      "--dir", str(directory)]
+                      "--dir", str(directory), *(["--requirepass", password] if password else [])]
         self._popen = subprocess.Popen
         self.proc = self.start()
 

@@ -43,12 +43,12 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MaxConnectionsError
 
 from gateway import metrics
 from gateway.admission import keys
 from gateway.admission.base import WINDOW, Admission, Disconnected, Lease, Slot, Ticket, Usage
 from gateway.admission.memory import MemoryAdmission, refusal, show_mode, too_large
+from gateway.admission.scripts import Scripts
 from gateway.errors import BackendUnavailable, ClientClosedRequest
 from gateway.store.redis import OUTAGE  # (a script error is a bug, and is not one of these)
 
@@ -118,13 +118,12 @@ class RedisAdmission(Admission):
     def __init__(self, client: aioredis.Redis, *, max_depth: int, max_per_key: int | None = None,
                  window: float = WINDOW, lease_ttl: float = 10.0, failure_mode: str = "fail_closed",
                  replicas: int = 1, probe_interval: float = 2.0) -> None:
-        # The scripts run on a client of their own, without a socket timeout: with one, redis-py
-        # writes every command under asyncio.wait_for, a task and two more loop turns per call
-        # (about 25 us of CPU each here). Each call is bounded by `_bounded` instead.
-        pool_size = getattr(client.connection_pool, "max_connections", None) or 100
-        calls = max(4, min(64, pool_size // 2))
-        self._call_timeout = client.connection_pool.connection_kwargs.get("socket_timeout") or CALL_TIMEOUT
-        self._redis = _own_client(client, None, calls)
+        # The other calls (start-up checks, the probe) run on a client of their own, without a
+        # socket timeout: with one, redis-py writes every command under asyncio.wait_for, a task
+        # and two more loop turns per call. Each call is bounded by `_bounded` instead.
+        connection = client.connection_pool.connection_kwargs
+        self._call_timeout = connection.get("socket_timeout") or CALL_TIMEOUT
+        self._redis = _own_client(client, None, 4)
         self._max_depth = max_depth
         self._max_per_key = max_depth if max_per_key is None else max_per_key
         self._window = window
@@ -136,7 +135,10 @@ class RedisAdmission(Admission):
         self._ids = itertools.count(1)
         lua = resources.files("gateway.admission") / "lua"
         lib = keys.lua_prelude() + (lua / "lib.lua").read_text()
-        self._scripts = {name: self._redis.register_script(lib + (lua / f"{name}.lua").read_text()) for name in SCRIPTS}
+        self._scripts = Scripts(self._redis.connection_pool,
+                                {name: lib + (lua / f"{name}.lua").read_text() for name in SCRIPTS},
+                                timeout=self._call_timeout,
+                                connect_timeout=connection.get("socket_connect_timeout") or CALL_TIMEOUT)
         self._leases: dict[str, RedisLease] = {}  # renewed while they live
         self._waiters: dict[str, _Waiter] = {}  # queue entry -> its waiter, renewed too
         self._movers: dict[str, asyncio.Future[str | None]] = {}  # lease -> its failover's wait
@@ -157,8 +159,6 @@ class RedisAdmission(Admission):
         self._blocking: aioredis.Redis | None = None
         self._stopping = False
         self._version_checked = False
-        # The pool refuses past its size ("Too many connections", not an outage): calls queue here.
-        self._calls = asyncio.Semaphore(calls)
 
     @property  # type: ignore[override]
     def mode(self) -> str:
@@ -172,8 +172,7 @@ class RedisAdmission(Admission):
             if (old := await self._too_old()) is not None:
                 raise RuntimeError(f"The Redis store needs Redis {'.'.join(map(str, MIN_REDIS))} or newer "
                                    f"(for BLMPOP); {self._redis_url()} runs {old}.")
-            for script in self._scripts.values():  # loaded once; EVALSHA from here on
-                script.sha = await self._bounded(self._redis.script_load(script.script))
+            await self._scripts.load()  # EVALSHA from here on (loaded again if Redis loses them)
         except OUTAGE as exc:
             self._trip(exc)
         show_mode(self.mode, self._up)
@@ -205,6 +204,7 @@ class RedisAdmission(Admission):
         self._wake_all()
         if self._tasks:  # leaves and releases under way: let them reach Redis
             await asyncio.wait(self._tasks, timeout=3.0)
+        self._scripts.close()
         for client in (self._blocking, self._redis):
             if client is not None:
                 try:
@@ -534,12 +534,8 @@ class RedisAdmission(Admission):
     # --- replies, grants and the timer -------------------------------------------------------------
 
     async def _run(self, name: str, *args: Any) -> Any:
-        async with self._calls:
-            try:
-                return await self._bounded(self._scripts[name](args=[*self._head, *args]))
-            except MaxConnectionsError:  # this process's pool is exhausted; Redis itself is fine
-                raise BackendUnavailable("The gateway is overloaded; try again shortly.",
-                                         headers={"retry-after": "1"}) from None
+        """One script, on the scripts' own connection (gateway/admission/scripts.py), which bounds it."""
+        return await self._scripts.run(name, [*self._head, *args])
 
     async def _too_old(self) -> str | None:
         """The server's version if it is older than MIN_REDIS (checked once it has answered)."""
@@ -716,6 +712,7 @@ class RedisAdmission(Admission):
 
     async def _drop_idle_connections(self) -> None:
         assert self._blocking is not None
+        self._scripts.drop()
         for pool, in_use in ((self._redis.connection_pool, False), (self._blocking.connection_pool, True)):
             try:
                 await pool.disconnect(inuse_connections=in_use)

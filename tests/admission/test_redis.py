@@ -32,16 +32,22 @@ async def make(redis_url: str) -> AsyncIterator[Make]:
 
 
 def count_commands(admission: RedisAdmission) -> list[str]:
-    """Every command the admission sends on its (non-blocking) client from now on."""
+    """Every command the admission sends from now on, but the listener's: its scripts (EVALSHA,
+    on their own connection) and the rest (on its non-blocking redis-py client)."""
     sent: list[str] = []
-    client = admission._redis
-    original = client.execute_command
+    client, scripts = admission._redis, admission._scripts
+    command, script = client.execute_command, scripts.run
 
     async def counting(*args: Any, **options: Any) -> Any:
         sent.append(str(args[0]))
-        return await original(*args, **options)
+        return await command(*args, **options)
+
+    async def counting_script(name: str, args: Any) -> Any:
+        sent.append("EVALSHA")
+        return await script(name, args)
 
     client.execute_command = counting  # type: ignore[method-assign]
+    scripts.run = counting_script  # type: ignore[method-assign]
     return sent
 
 
@@ -116,17 +122,17 @@ async def test_a_request_that_leaves_while_its_batch_is_on_the_way_gets_its_gran
     held = [asyncio.Event(), asyncio.Event()]  # set when acquire call 1 / 2 reaches the client
     go = [asyncio.Event(), asyncio.Event()]  # when it may go on to Redis
     sent: list[str] = []
-    original = admission._redis.execute_command
+    original = admission._scripts.run
 
-    async def gated(*args: Any, **options: Any) -> Any:
-        sent.append(str(args[0]))
-        if args[0] == "EVALSHA" and sent.count("EVALSHA") <= 2:
+    async def gated(name: str, args: Any) -> Any:
+        sent.append("EVALSHA")
+        if sent.count("EVALSHA") <= 2:
             call = sent.count("EVALSHA") - 1
             held[call].set()
             await go[call].wait()
-        return await original(*args, **options)
+        return await original(name, args)
 
-    admission._redis.execute_command = gated  # type: ignore[method-assign]
+    admission._scripts.run = gated  # type: ignore[method-assign]
     two_slots = ticket(backends=(("b1", 2),), max_wait=2)
     first = asyncio.create_task(admission.acquire(two_slots))  # goes at once: call 1
     await held[0].wait()
