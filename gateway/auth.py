@@ -29,6 +29,7 @@ log = logging.getLogger("gateway.auth")
 # any key changed since it last read them all: a safety net under the feed.
 KEYS_VERSION_INTERVAL = 60.0
 RELOAD_RETRY = 1.0  # after a failed reload or refresh
+STOP_WAIT = 2.0  # seconds stop() waits for the change feed to end
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,9 @@ class KeyCache:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            # Bounded: the feed's step is a redis-py read, which can swallow a cancellation
+            # (its own timeout firing in the same instant) and read on; shutdown must not wait for it.
+            await asyncio.wait({self._task}, timeout=STOP_WAIT)
 
     async def reload(self) -> None:
         """Every key, decoded and indexed off the event loop (10,000 keys take a few hundred
@@ -250,7 +253,7 @@ class KeyCache:
         finally:
             if pending is not None:
                 pending.cancel()
-                await asyncio.gather(pending, return_exceptions=True)
+                await asyncio.wait({pending}, timeout=STOP_WAIT)  # (see stop)
 
     def _next_check(self, stale: bool) -> float | None:
         """When to look next for changes the feed did not bring: soon after a failure, never on a

@@ -134,10 +134,12 @@ class RedisStore(Store):
                 yield None
                 while True:
                     message = await pubsub.get_message(timeout=5.0)
+                    _stop_if_cancelled()
                     if message and message["type"] == "message":
                         data = message["data"]
                         yield data.decode() if isinstance(data, bytes) else data
             except (RedisError, OSError) as exc:
+                _stop_if_cancelled()
                 log.log(logging.DEBUG if lost else logging.WARNING, "key change feed lost (%s); resubscribing", exc)
                 lost = True
                 await asyncio.sleep(1.0)
@@ -267,3 +269,13 @@ class RedisStore(Store):
     async def last_used(self) -> dict[str, float]:
         pairs = await self.redis.zrange(self.ks.last_used, 0, -1, withscores=True)
         return {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in pairs}
+
+
+def _stop_if_cancelled() -> None:
+    """Ends the key feed if it was cancelled and redis-py swallowed the cancellation: a read under
+    its own timeout turns a cancellation that lands as the timeout fires into "no message", and
+    the feed would read on for ever (a test of a Redis restart hung in its shutdown until
+    pytest-timeout, 300 s, its event loop waking every 5 s: the read's timeout)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -403,3 +403,62 @@ async def test_a_keys_series_go_when_a_reload_finds_it_revoked_or_gone(store: St
     await cache.reload()
     assert key_series(revoked.id) == [] and key_series(gone.id) == []
     assert len(key_series(kept.id)) == 3
+
+
+async def test_stopping_is_bounded_when_the_feed_swallows_its_cancellation(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # redis-py can turn a cancellation landing as its read's own timeout fires into "no message"
+    # and read on; the cache's stop (the gateway's shutdown) must not wait for ever on it.
+    swallowed, ended = asyncio.Event(), asyncio.Event()
+
+    async def deaf_feed() -> AsyncIterator[str | None]:
+        yield None
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.set()  # and reads on, for a while (for ever would outlive the test)
+        await asyncio.sleep(1.0)
+        ended.set()
+        yield "never taken"
+
+    monkeypatch.setattr(store, "key_changes", deaf_feed)
+    monkeypatch.setattr(auth, "STOP_WAIT", 0.2)
+    cache = KeyCache(store, AuthConfig(), LimitValues())
+    await cache.start()
+    await asyncio.sleep(0.05)  # the feed's first step (None: a reload), then its read
+    await asyncio.wait_for(cache.stop(), 30)  # (the hang guard; stop's own bound is auth.STOP_WAIT)
+    assert swallowed.is_set() and not ended.is_set()  # stop returned while the feed still read
+    await asyncio.wait_for(ended.wait(), 10)
+
+
+async def test_the_redis_feed_ends_when_cancelled_even_if_its_read_swallowed_it(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = RedisStore(aioredis.Redis.from_url(redis_url))
+    real_pubsub = store.redis.pubsub
+
+    def deaf_pubsub(**options: Any) -> Any:
+        pubsub = real_pubsub(**options)
+        real_get = pubsub.get_message
+
+        async def get_message(**read: Any) -> Any:
+            try:
+                return await real_get(**read)
+            except asyncio.CancelledError:
+                return None  # as redis-py's read does when the cancellation meets its own timeout
+
+        pubsub.get_message = get_message  # type: ignore[method-assign]
+        return pubsub
+
+    monkeypatch.setattr(store.redis, "pubsub", deaf_pubsub)
+    await store.open()
+    try:
+        feed = store.key_changes()
+        assert await anext(feed) is None  # subscribed
+        step = asyncio.ensure_future(anext(feed))
+        await asyncio.sleep(0.05)  # in its read
+        step.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(step, 10)  # (not another 5 s read, and another)
+    finally:
+        await store.close()
+        await store.redis.aclose()
