@@ -983,6 +983,9 @@ def derive(results: dict[str, Any]) -> None:
         loads = [_get(r, run, "other_load_cores") for run in
                  ("wrk_nonstream", "wrk_stream", "openloop_nonstream", "openloop_stream")]
         d["other_load_max"] = max((x for x in loads if x is not None), default=None)
+        steals = [_get(r, run, "steal_cores") for run in
+                  ("wrk_nonstream", "wrk_stream", "openloop_nonstream", "openloop_stream")]
+        d["steal_max"] = max((x for x in steals if x is not None), default=None)
         for kind in ("nonstream", "stream"):
             o = r.get(f"openloop_{kind}") or {}
             d[f"openloop_{kind}_ok"] = f"{o.get('ok')}/{o.get('requests')}" if o else None
@@ -1109,9 +1112,11 @@ def render_markdown(results: dict[str, Any]) -> str:
         _fmt(d["stream_rps"]), _fmt(d["stream_vs_direct"], "x", 3), _fmt(d["stream_vs_litellm"], "x", 1),
         _cpu_cell(key, d), f"{_fmt(d['latency_p50_ms'])} / {_fmt(d['latency_p99_ms'])}",
         f"{_fmt(d['added_p50_ms'])} / {_fmt(d['added_p99_ms'])}", f"{_fmt(d['ttft_p50_ms'])} / {_fmt(d['ttft_p99_ms'])}",
-        _fmt(d["added_ttft_p50_ms"]), _errors_cell(r), _fmt(d["other_load_max"])])
+        _fmt(d["added_ttft_p50_ms"]), _errors_cell(r), _load_cell(d)])
     lines += ["", "Other load = the most cores that processes outside the bench used during one of that row's four "
-              "measured runs (the machine is shared; above ~0.3 the row's figures are pessimistic).", ""]
+              "measured runs (the machine is shared; above ~0.3 the row's figures are pessimistic); steal, when "
+              "shown, the most cores the virtual machine's host gave elsewhere meanwhile (/proc/stat): the row "
+              "ran on that much less machine than the others.", ""]
     if _get(http, "passthrough", "derived"):
         lines += ["The minimal passthrough (bench/passthrough.py: Litestar + aiohttp, the body forwarded as bytes, no "
                   "auth, admission, routing, metrics or usage) is the floor of the stack: what the server and the "
@@ -1211,7 +1216,7 @@ def _render_reference(http: dict[str, Any], s: dict[str, Any]) -> list[str]:
     ]
     lines += _table(http, rows, 8, lambda key, r, d: [
         _fmt(d["nonstream_rps"]), _fmt(d["nonstream_vs_direct"], "x", 3), _fmt(d["stream_rps"]),
-        _fmt(d["stream_vs_direct"], "x", 3), _cpu_cell(key, d), _errors_cell(r), _fmt(d["other_load_max"])])
+        _fmt(d["stream_vs_direct"], "x", 3), _cpu_cell(key, d), _errors_cell(r), _load_cell(d)])
     lines.append("")
     lines += _costs(http, "direct_ref", "gateway_redis_ref", "The reference upstream")
     for key, title in rows[1:]:
@@ -1261,6 +1266,11 @@ def _costs(http: dict[str, Any], direct: str, redis_row: str, upstream: str) -> 
 
 def _short(text: Any) -> str:
     return str(text).replace("\n", " ").replace("|", "/")[:160]
+
+
+def _load_cell(d: dict[str, Any]) -> str:
+    steal = d.get("steal_max")
+    return _fmt(d["other_load_max"]) + (f" (steal {steal:.2f})" if steal is not None and steal >= 0.05 else "")
 
 
 def _errors_cell(r: dict[str, Any]) -> str:
