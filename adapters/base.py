@@ -408,9 +408,9 @@ class SSEDecoder(StreamDecoder):
         run can say so, because a key is only ever a key: inside a JSON string every quote is
         escaped. Events are counted by their boundaries, so a line that is not a `data: {...}`
         event (a comment, a field, an unusual spacing) leaves a model's name without its event
-        and fails the count. A run that does not add up goes to the loop
-        whole, which decides event by event: a miss costs time, never a wrong answer. The
-        events' JSON is not parsed: a runtime that speaks OpenAI wrote it, and its client reads it."""
+        and fails the count. A run that does not add up goes to the loop whole, which decides
+        event by event: a miss costs time, never a wrong answer. The events' JSON is not
+        parsed: a runtime that speaks OpenAI wrote it, and its client reads it."""
         end = data.rfind(b"\n\n") + 2  # (1 when there is no whole event)
         at = data.find(b'"usage":{', 0, end)
         if at < 0:
