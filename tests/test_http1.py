@@ -139,19 +139,26 @@ async def test_a_connection_idle_past_the_keepalive_is_not_used_again(monkeypatc
     assert len(connections) == 2  # reused after 0.05 s, not after 0.4 s
 
 
-async def test_an_answer_released_before_its_end_closes_its_connection() -> None:
+async def _each_answer_on_a_new_connection(answer: bytes, read: str, expected: bytes) -> None:
+    """A server that writes `answer` to every request; two requests, each read with `read` to
+    `expected` and released: the second must not go on the first one's connection."""
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             await _request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            writer.write(answer)
             await writer.drain()
 
     async with _talking_to(handle) as (client, port, connections):
         for _ in range(2):
             resp = await client.post(_to(port), b"{}", {}, timeout=5)
-            assert await resp.read_any() == b"hello"
+            assert await getattr(resp, read)() == expected
             resp.release()
     assert len(connections) == 2
+
+
+async def test_an_answer_released_before_its_end_closes_its_connection() -> None:
+    await _each_answer_on_a_new_connection(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+                                           "read_any", b"hello")
 
 
 async def test_a_body_without_length_or_chunks_ends_with_the_connection() -> None:
@@ -333,18 +340,8 @@ async def test_an_https_backend_is_spoken_to_over_tls(tmp_path: pathlib.Path) ->
 
 
 async def test_bytes_after_the_answer_are_not_taken_and_the_connection_is_not_used_again() -> None:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await _request(reader)
-            writer.write(_reply(b'{"first":1}') + _reply(b'{"unasked":2}'))  # one request, two answers
-            await writer.drain()
-
-    async with _talking_to(handle) as (client, port, connections):
-        for _ in range(2):
-            resp = await client.post(_to(port), b"{}", {}, timeout=5)
-            assert await resp.read() == b'{"first":1}'
-            resp.release()
-    assert len(connections) == 2
+    # One request, two answers: the second is no part of the first.
+    await _each_answer_on_a_new_connection(_reply(b'{"first":1}') + _reply(b'{"unasked":2}'), "read", b'{"first":1}')
 
 
 async def test_the_pool_keeps_no_entry_for_a_port_it_has_no_connection_to(monkeypatch: pytest.MonkeyPatch) -> None:
