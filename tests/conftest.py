@@ -65,7 +65,9 @@ def llama_gateway(tmp_path_factory: pytest.TempPathFactory, llamacpp_backend: di
 class RedisServer:
     """A real redis-server of the tests' own, on a free port, keeping nothing on disk."""
 
-    def __init__(self, directory: Path, password: str | None = None) -> None:
+    def __init__(self, directory: Path, password: str | None = None, tls: tuple[Path, Path] | None = None) -> None:
+        """`tls`: (certificate, key), the certificate its own CA: TLS only, and a rediss:// url
+        that trusts it."""
         import shutil
         import subprocess
 
@@ -75,8 +77,13 @@ class RedisServer:
         if binary is None:
             raise RuntimeError("redis-server is not installed: `make test` installs it (Debian package redis-server)")
         self.port = free_port()
-        self.url = f"redis://{f'default:{password}@' if password else ''}127.0.0.1:{self.port}/0"
-        self._args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        user = f"default:{password}@" if password else ""
+        self.url = (f"rediss://{user}127.0.0.1:{self.port}/0?ssl_ca_certs={tls[0]}" if tls
+                    else f"redis://{user}127.0.0.1:{self.port}/0")
+        listen = (["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(tls[0]), "--tls-key-file",
+                   str(tls[1]), "--tls-ca-cert-file", str(tls[0]), "--tls-auth-clients", "no"] if tls
+                  else ["--port", str(self.port)])
+        self._args = [binary, *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                       "--dir", str(directory), *(["--requirepass", password] if password else [])]
         self._popen = subprocess.Popen
         self.proc = self.start()

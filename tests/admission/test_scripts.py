@@ -19,7 +19,6 @@ from redis.exceptions import AuthenticationError
 
 from gateway.admission.scripts import Scripts
 from tests.conftest import RedisServer
-from tests.helpers import free_port
 
 ECHO = {"echo": "return ARGV", "put": "return redis.call('SET', 'scripts-test', ARGV[1])"}
 MakeScripts = Callable[..., Scripts]
@@ -97,27 +96,14 @@ async def test_the_url_s_password_and_database_are_used(make_scripts: MakeScript
 
 async def test_a_rediss_url_is_spoken_over_tls_with_its_ca(make_scripts: MakeScripts, tmp_path: Path) -> None:
     # The connection's TLS context is redis-py's own for the URL (its ssl_* options).
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"),
-                    "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True, timeout=60)
-    port = free_port()
-    server = subprocess.Popen(
-        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-         "no", "--dir", str(tmp_path), "--tls-cert-file", str(tmp_path / "cert.pem"), "--tls-key-file",
-         str(tmp_path / "key.pem"), "--tls-ca-cert-file", str(tmp_path / "cert.pem"), "--tls-auth-clients", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    server = RedisServer(tmp_path, tls=(cert, key))
     try:
-        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={tmp_path / 'cert.pem'}"
-        for _ in range(100):  # until it listens
-            try:
-                assert await make_scripts(url).run("echo", ["over tls"]) == [b"over tls"]
-                break
-            except (ConnectionError, OSError):
-                await asyncio.sleep(0.1)
-        else:
-            raise AssertionError("the TLS redis-server never answered")
+        assert await make_scripts(server.url).run("echo", ["over tls"]) == [b"over tls"]
         with pytest.raises(ssl.SSLCertVerificationError):  # a server whose certificate it cannot verify
-            await make_scripts(f"rediss://127.0.0.1:{port}/0").run("echo", ["x"])
+            await make_scripts(server.url.split("?")[0]).run("echo", ["x"])
     finally:
         server.kill()
-        server.wait()
