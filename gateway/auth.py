@@ -190,6 +190,10 @@ class KeyCache:
             key = None
         self._put(key_id, key)
 
+    def ended(self, key_id: str) -> bool:
+        """The key of a request that just finished can make no more (revoked or gone meanwhile)."""
+        return key_id != self._anonymous.key_id and _ended(self._index.by_id.get(key_id))
+
     def apply(self, key: ApiKey) -> None:
         """A key as this replica's admin API just wrote it: in force before the answer goes out,
         without waiting for the change feed (which tells the other replicas)."""

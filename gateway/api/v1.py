@@ -529,6 +529,8 @@ class Call:
             metrics.key_requests.labels(self.key_id, model, status_class).inc()
             metrics.key_tokens.labels(self.key_id, "prompt").inc(prompt)
             metrics.key_tokens.labels(self.key_id, "completion").inc(completion)
+            if self.gateway.keys.ended(self.key_id):  # revoked while it ran: its series went, and go again
+                metrics.forget_key(self.key_id)
         # The real tokens replace the estimate. A failure that generated nothing gets its
         # reservation back whole; one that did (a stream the client left) keeps the estimate,
         # or leaving just before the usage chunk would make every answer free.

@@ -8,6 +8,7 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
@@ -233,3 +234,24 @@ def test_a_body_nested_too_deeply_is_a_400(gateway: GatewayProcess) -> None:
         r = client.post("/v1/chat/completions", content=nested, headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     assert "nested too deeply" in r.json()["error"]["message"]
+
+
+def test_a_key_revoked_while_its_request_runs_leaves_no_per_key_series(start_gateway: StartGateway) -> None:
+    # metrics.key_labels: revoking a key drops its series (gateway.metrics.forget_key); a request
+    # already under way when it was revoked finishes after that, and must not bring them back.
+    with runtime_serving() as url:
+        gateway = start_gateway({
+            "backends": [{"name": "one", "runtime": "openai", "url": url, "serves": ["slow", "fast"]}],
+            "metrics": {"key_labels": True}})
+        created = gateway.admin("POST", "/admin/keys", json={"name": "revoked mid-request"}).json()
+        with gateway.http(created["key"]) as client:
+            assert client.post("/v1/chat/completions", json={"model": "fast", "messages": CHAT}).status_code == 200
+            assert f'key_id="{created["id"]}"' in httpx.get(gateway.url + "/metrics").text
+            with ThreadPoolExecutor(1) as pool:
+                slow = pool.submit(client.post, "/v1/chat/completions", json={"model": "slow", "messages": CHAT},
+                                   timeout=30)
+                time.sleep(1.0)  # on its way: the runtime answers "slow" after 3 s
+                assert gateway.admin("DELETE", f"/admin/keys/{created['id']}").status_code == 200
+                assert f'key_id="{created["id"]}"' not in httpx.get(gateway.url + "/metrics").text
+                assert slow.result().status_code == 200  # admitted before the revocation: it is answered
+        assert f'key_id="{created["id"]}"' not in httpx.get(gateway.url + "/metrics").text

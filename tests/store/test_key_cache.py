@@ -383,6 +383,17 @@ async def test_a_keys_series_go_when_it_is_revoked_here_or_on_another_replica(st
     assert len(key_series(kept.id)) == 3
 
 
+async def test_ended_names_revoked_and_gone_keys_not_live_ones_nor_the_anonymous_caller(store: Store) -> None:
+    # What a finishing request asks (v1.Call) before it leaves the key's series behind.
+    cache = KeyCache(store, AuthConfig(required=False), LimitValues())
+    live, _ = await keys.issue(store, {"name": "live"})
+    revoked, _ = await keys.issue(store, {"name": "revoked"})
+    await cache.reload()
+    cache.apply(await keys.revoke(store, revoked.id))
+    assert not cache.ended(live.id) and cache.ended(revoked.id) and cache.ended("key_never_issued")
+    assert cache.authenticate(None).key_id == "anonymous" and not cache.ended("anonymous")
+
+
 async def test_a_keys_series_go_when_a_reload_finds_it_revoked_or_gone(store: Store) -> None:
     # What the change feed missed (Redis pub/sub can), the reload finds: revoked, or no longer
     # in the store at all (a Redis that lost its data).
