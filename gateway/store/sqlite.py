@@ -81,6 +81,10 @@ def _create_schema_1(db: sqlite3.Connection) -> None:
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _create_schema_1}
 
 
+_NOT_USABLE = ("{path} is not a usable SQLite database ({reason}): restore it from a backup, or move it away to "
+               "start with an empty store")
+
+
 class StoreUnusable(RuntimeError):
     """The database file cannot be used as it is: the operator's to fix, said in one line."""
 
@@ -141,6 +145,14 @@ class SQLiteStore(Store):
             # power loss could undo a key answered 201, or a revocation). That is one fsync per
             # commit: the usage flush about once a second, and the rare key write.
             db.execute("PRAGMA synchronous=FULL")
+            # A damaged page elsewhere than the few a start reads (a disk error, a copy taken
+            # mid-write) would otherwise surface later, as every usage flush failing, or one key
+            # that cannot be read. quick_check reads every page once: 0.14 s for a 154 MB store in
+            # the page cache (1.2M usage rows), plus the disk's time to read it on a cold start.
+            problem = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if problem != "ok":  # (its findings come on several lines: said in one)
+                reason = "quick_check: " + " ".join(problem.split())
+                raise StoreUnusable(_NOT_USABLE.format(path=self.path, reason=reason))
             had_tables, version, keys = self._migrate(db)
         except BaseException as exc:
             if db is not None:
@@ -178,8 +190,7 @@ class SQLiteStore(Store):
 
     def _unusable(self, exc: OSError | sqlite3.DatabaseError) -> StoreUnusable:
         if (getattr(exc, "sqlite_errorname", None) or "").startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
-            return StoreUnusable(f"{self.path} is not a usable SQLite database ({exc}): restore it from a backup, "
-                                 "or move it away to start with an empty store")
+            return StoreUnusable(_NOT_USABLE.format(path=self.path, reason=exc))
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return StoreUnusable(f"cannot open the embedded store {self.path} ({reason}): data_dir must be writable "
                              "by the gateway's user, on a disk with room")

@@ -130,6 +130,35 @@ async def test_a_damaged_file_is_refused_in_one_line_saying_what_to_do(tmp_path:
                                   "or move it away to start with an empty store")
 
 
+async def a_damaged_usage_page(db: Path) -> None:
+    """A store whose keys read fine and one page of its usage table is garbage (a disk error)."""
+    await a_store_with_keys(db, 3)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        with conn:
+            conn.executemany("INSERT INTO usage (hour, key_id, model) VALUES (?, ?, ?)",
+                             [(hour, "key_1", "m") for hour in range(3000)])
+        root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'usage'").fetchone()[0]
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    with open(db, "r+b") as file:
+        file.seek((root - 1) * page_size)
+        file.write(b"\xff" * 64)
+
+
+async def test_a_damaged_page_the_start_would_not_read_is_found_at_open(tmp_path: Path) -> None:
+    # The keys and the schema read fine, so nothing would fail until the first usage flush.
+    db = tmp_path / "gateway.db"
+    await a_damaged_usage_page(db)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT count(*) FROM keys").fetchone()[0] == 3
+    store = SQLiteStore(db)
+    with pytest.raises(StoreUnusable) as refused:
+        await store.open()
+    await store.close()
+    assert str(refused.value).startswith(f"{db} is not a usable SQLite database (quick_check: ")
+    assert str(refused.value).endswith("): restore it from a backup, or move it away to start with an empty store")
+    assert "\n" not in str(refused.value)  # said in one line (SQLite writes its findings on several)
+
+
 async def test_the_log_says_what_the_store_holds(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     db = tmp_path / "gateway.db"
     caplog.set_level(logging.INFO, "gateway.store")
@@ -167,6 +196,8 @@ async def newer_schema(db: Path) -> None:
     pytest.param("truncated to half",
                  "data/gateway.db is not a usable SQLite database (database disk image is malformed)",
                  id="truncated to half"),
+    pytest.param("a damaged page", "data/gateway.db is not a usable SQLite database (quick_check: ",
+                 id="a damaged page"),
     pytest.param("newer schema",
                  f"data/gateway.db was written by a newer gateway (schema {SCHEMA_VERSION + 1}, this one knows",
                  id="newer schema"),
@@ -188,6 +219,8 @@ async def test_a_start_on_an_unusable_store_says_so_in_one_line(tmp_path: Path, 
         random_bytes(db)
     elif damage == "truncated to half":
         await truncated_to_half(db)
+    elif damage == "a damaged page":
+        await a_damaged_usage_page(db)
     elif damage == "newer schema":
         await newer_schema(db)
     elif damage == "logs is a file":
