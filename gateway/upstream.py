@@ -320,8 +320,8 @@ def _ending(outcome: StreamOutcome, last: dict[str, Any] | bytes, public_model: 
     if not include_usage:
         return [DONE]
     if type(last) is bytes:  # events handed on undecoded: the last one's id is needed now, once per stream
-        start = last.rfind(b"\n\n", 0, -2) + 2  # (1: it is the only one)
-        last = msgspec.json.decode(last[start + 6 if start > 1 else 6:])
+        end_of_previous = last.rfind(b"\n\n", 0, -2)  # (-1: it is the only one)
+        last = msgspec.json.decode(last[end_of_previous + 8 if end_of_previous >= 0 else 6:])  # past "data: "
     assert isinstance(last, dict)
     return [sse(encode({
         "id": last.get("id", ""), "object": last.get("object", "chat.completion.chunk"),
